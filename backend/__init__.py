@@ -1,0 +1,1 @@
+"""Everything Label Studio-facing: service, label configs, results, prompt bank, store, media."""

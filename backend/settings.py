@@ -1,0 +1,154 @@
+"""Backend configuration, read once from environment variables.
+
+Every value is validated here so that a typo in a deployment fails at start-up
+with the variable's name, instead of surfacing later as an obscure runtime error.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment settings; secrets are kept out of ``repr`` so they never reach logs."""
+
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    seggpt_weights: str | None = None
+    device: str = "auto"
+    model_dir: Path = Path("./model_dir")
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+    local_files_document_root: Path | None = None
+    allowed_media_hosts: tuple[str, ...] = ()
+    redis_url: str | None = None
+    num_prompts: int = 4
+    min_region_area: int = 64
+    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    media_timeout: float = 30.0
+    media_cache_mb: int = 256
+    polygon_max_points: int = 100
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
+        """Build settings from ``env``; an empty variable counts as unset."""
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            value = value.strip() if value is not None else None
+            return value or None
+
+        def parse(name: str, convert: Callable[[str], T], default: T) -> T:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                return convert(raw)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+
+        user, password = get("BASIC_AUTH_USER"), get("BASIC_AUTH_PASS")
+        if (user is None) != (password is None):
+            raise ValueError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        return cls(
+            label_studio_url=parse("LABEL_STUDIO_URL", _http_url, None),
+            label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
+            seggpt_weights=get("SEGGPT_WEIGHTS"),
+            device=parse("DEVICE", _device, "auto"),
+            model_dir=Path(get("MODEL_DIR") or "./model_dir"),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            log_level=parse("LOG_LEVEL", _log_level, "INFO"),
+            local_files_document_root=parse("LOCAL_FILES_DOCUMENT_ROOT", _document_root, None),
+            allowed_media_hosts=parse("ALLOWED_MEDIA_HOSTS", _host_list, ()),
+            redis_url=parse("REDIS_URL", _redis_url, None),
+            num_prompts=parse("NUM_PROMPTS", _int_at_least(1), 4),
+            min_region_area=parse("MIN_REGION_AREA", _int_at_least(0), 64),
+            max_image_bytes=parse("MAX_IMAGE_BYTES", _int_at_least(1024), 64 * 1024 * 1024),
+            max_image_pixels=parse("MAX_IMAGE_PIXELS", _int_at_least(1), 64_000_000),
+            media_timeout=parse("MEDIA_TIMEOUT", _positive_float, 30.0),
+            media_cache_mb=parse("MEDIA_CACHE_MB", _int_at_least(0), 256),
+            polygon_max_points=parse("POLYGON_MAX_POINTS", _int_at_least(3), 100),
+        )
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an absolute http(s):// URL")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("expected a base URL without credentials, query or fragment")
+    return raw.rstrip("/")
+
+
+def _device(raw: str) -> str:
+    value = raw.lower()
+    if not _DEVICE_RE.match(value):
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {raw!r}")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    value = raw.upper()
+    if value not in _LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}, got {raw!r}")
+    return value
+
+
+def _document_root(raw: str) -> Path:
+    path = Path(raw).expanduser().resolve()
+    if path == Path(path.anchor):
+        raise ValueError("the file-system root is refused as a document root")
+    if not path.is_dir():
+        raise ValueError(f"{raw!r} is not a directory")
+    return path
+
+
+def _host_list(raw: str) -> tuple[str, ...]:
+    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if not _HOST_RE.match(host):
+            raise ValueError(f"{host!r} is not a host name or host:port")
+    return hosts
+
+
+def _redis_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"must be a positive finite number, got {raw!r}")
+    return value
