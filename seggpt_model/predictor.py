@@ -1,0 +1,104 @@
+"""A tiny, obvious API over SegGPT: images and label maps in, a label map out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import processing as P
+from .modeling import SegGPT
+from .weights import model_fingerprint
+
+Prompt = tuple[object, object]  # (image, label map)
+
+
+@dataclass
+class Prediction:
+    label_map: np.ndarray  # HxW int32 at the query's original size, 0 = background
+    scores: np.ndarray  # (num_labels + 1, H, W) float32 in [0, 1]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None picks CUDA when present."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class SegGPTPredictor:
+    """Segment queries in context of K >= 1 (image, label map) prompts.
+
+    K > 1 uses SegGPT's feature ensemble; several queries share one forward pass.
+    """
+
+    def __init__(self, model: SegGPT, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32, batch_size: int = 8) -> None:
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.batch_size = batch_size
+        self.fingerprint = model_fingerprint(self.model)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def predict(self, query, prompts: Sequence[Prompt], num_labels: int | None = None,
+                seg_type: str = "instance") -> Prediction:
+        return self.predict_batch([query], prompts, num_labels=num_labels, seg_type=seg_type)[0]
+
+    def prepare_prompts(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(K, 3, S, S) normalised prompt images and colour-coded masks, and the label count."""
+        if not prompts:
+            raise ValueError("at least one (image, label map) prompt is needed")
+        images, masks, top = [], [], 0
+        for i, prompt in enumerate(prompts):
+            try:
+                image, label_map = prompt
+            except (TypeError, ValueError):
+                raise ValueError(f"prompt {i} must be an (image, label map) pair") from None
+            rgb = P.to_rgb_array(image)
+            labels = P.to_label_map(label_map)
+            if labels.shape != rgb.shape[:2]:
+                raise ValueError(f"prompt {i}: label map is {labels.shape[1]}x{labels.shape[0]} but its image "
+                                 f"is {rgb.shape[1]}x{rgb.shape[0]}")
+            top = max(top, int(labels.max()))
+            images.append(P.normalize(P.resize_image(rgb, self.image_size)))
+            masks.append(P.normalize(P.resize_mask(P.colorize(labels), self.image_size)))
+        return torch.stack(images), torch.stack(masks), top
+
+    @torch.inference_mode()
+    def predict_batch(self, queries: Sequence, prompts: Sequence[Prompt], num_labels: int | None = None,
+                      seg_type: str = "instance") -> list[Prediction]:
+        """Label maps for each query, all in context of the same prompts."""
+        if seg_type not in ("instance", "semantic"):
+            raise ValueError(f"seg_type must be 'instance' or 'semantic', got {seg_type!r}")
+        p_img, p_mask, top = self.prepare_prompts(prompts)
+        num_labels = max(num_labels or 0, top, 1)
+        if num_labels > P.MAX_LABELS:
+            raise ValueError(f"at most {P.MAX_LABELS} labels are supported, got {num_labels}")
+        rgbs = [P.to_rgb_array(q) for q in queries]
+        k = p_img.shape[0]
+        per_pass = max(1, self.batch_size // k)
+        out: list[Prediction] = []
+        for start in range(0, len(rgbs), per_pass):
+            chunk = rgbs[start:start + per_pass]
+            q = torch.stack([P.normalize(P.resize_image(r, self.image_size)) for r in chunk])
+            painted = self.paint(q, p_img, p_mask, seg_type)
+            for rgb, pq in zip(chunk, painted):
+                out.append(Prediction(*P.decode(pq, num_labels, rgb.shape[:2])))
+        return out
+
+    def paint(self, queries: torch.Tensor, p_img: torch.Tensor, p_mask: torch.Tensor,
+              seg_type: str = "instance") -> torch.Tensor:
+        """(Q, 3, S, S) normalised queries -> (Q, 3, S, S) painted query halves (normalised)."""
+        nq, k = queries.shape[0], p_img.shape[0]
+        imgs = torch.cat([p_img.repeat(nq, 1, 1, 1), queries.repeat_interleave(k, 0)], dim=-2)
+        tgts = torch.cat([p_mask, p_mask], dim=-2).repeat(nq, 1, 1, 1)
+        dev = dict(device=self.device, dtype=self.dtype)
+        pred = self.model(imgs.to(**dev), tgts.to(**dev), seg_type=int(seg_type == "instance"),
+                          feature_ensemble=k > 1, prompts_per_query=k)
+        s = self.image_size
+        return pred[::k, :, s:].float()
