@@ -179,10 +179,8 @@ def _polygon_mask(value: dict, height: int, width: int) -> np.ndarray:
 
 
 def _rectangle_mask(value: dict, height: int, width: int) -> np.ndarray:
-    x, y, w, h, rotation = _finite_array(
-        [value.get(k, 0 if k == "rotation" else None) for k in ("x", "y", "width", "height", "rotation")],
-        "rectangle",
-    )
+    x, y, w, h = _finite_array([value.get(k) for k in ("x", "y", "width", "height")], "rectangle")
+    (rotation,) = _finite_array([value.get("rotation", 0)], "rectangle rotation", limit=1e6)
     left, top, w, h = x / 100 * width, y / 100 * height, w / 100 * width, h / 100 * height
     # Label Studio rotates clockwise (y points down) around the top-left corner.
     theta = np.deg2rad(rotation)
@@ -203,13 +201,16 @@ def _fill(pixels: np.ndarray, height: int, width: int, shift: int = 8) -> np.nda
     return mask.astype(bool)
 
 
-def _finite_array(values: Any, what: str) -> np.ndarray:
+def _finite_array(values: Any, what: str, limit: float = 1000.0) -> np.ndarray:
+    """Numbers within +-``limit`` (percent), so that rasterising cannot overflow."""
     try:
         array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"invalid {what}: expected numbers") from None
     if not np.all(np.isfinite(array)):
         raise ValueError(f"invalid {what}: expected finite numbers")
+    if array.size and np.abs(array).max() > limit:
+        raise ValueError(f"invalid {what}: coordinates far outside the image")
     return array
 
 

@@ -305,6 +305,8 @@ def test_other_controls_and_unlabelled_regions_are_ignored_and_later_regions_win
           "value": {"x": "a", "y": 0, "width": 1, "height": 1, "rectanglelabels": ["Cat"]}}, "numbers"),
         ({"from_name": "tag", "type": "rectanglelabels",
           "value": {"x": 0, "y": 0, "width": float("nan"), "height": 1, "rectanglelabels": ["Cat"]}}, "finite"),
+        ({"from_name": "tag", "type": "polygonlabels",
+          "value": {"points": [[0, 0], [1e12, 0], [0, 5]], "polygonlabels": ["Cat"]}}, "far outside"),
     ],
 )
 def test_bad_annotations_raise_value_error(item, message):
