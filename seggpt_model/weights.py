@@ -190,12 +190,18 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     last: Exception | None = None
     for name in _FILE_CANDIDATES:
         try:
             return Path(hf_hub_download(repo_id, name))
+        except LocalEntryNotFoundError:
+            if name != _FILE_CANDIDATES[-1]:
+                continue  # offline: another candidate may be cached
+            raise WeightsError(
+                f"cannot download {repo_id} (no network) and it is not in the local cache; "
+                f"download the checkpoint elsewhere and set {WEIGHTS_ENV} to the file") from None
         except EntryNotFoundError as e:
             last = e
         except RepositoryNotFoundError:
