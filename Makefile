@@ -1,0 +1,34 @@
+# Two commands for people: `make run` and `make test`. Each sets up its own .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SEGGPT_WEIGHTS ?= BAAI/seggpt-vit-large
+export SEGGPT_WEIGHTS
+
+.PHONY: setup run predict-example test bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+## The main job: segment the bundled example query in context of the bundled prompt.
+run: setup
+	$(PY) -m seggpt_model predict \
+		--prompt seggpt_model/assets/example_prompt.jpg --prompt-mask seggpt_model/assets/example_prompt_mask.png \
+		--query seggpt_model/assets/example_query.jpg --out out/example
+
+## The whole test suite (end-to-end tests install their own Label Studio first).
+test: setup
+	bash scripts/install_label_studio.sh
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,55 @@
+"""Max abs difference between this SegGPT and Hugging Face's, with identical random weights.
+
+    python benchmarks/parity.py [--vit-large]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import SegGptConfig, SegGptForImageSegmentation
+
+from seggpt_model import SegGPTConfig
+from seggpt_model.testing import random_model
+from seggpt_model.weights import hf_config, official_to_hf_key
+
+
+def hf_twin(model):
+    cfg = {k: v for k, v in hf_config(model.config).items() if k not in ("model_type", "architectures")}
+    hf = SegGptForImageSegmentation(SegGptConfig(**cfg)).eval()
+    hf.load_state_dict({official_to_hf_key(k): v for k, v in model.state_dict().items()}, strict=True)
+    return hf
+
+
+def compare(config: SegGPTConfig, n: int, embedding_type: str) -> tuple[float, float]:
+    model = random_model(config)
+    hf = hf_twin(model)
+    s = config.image_size
+    g = torch.Generator().manual_seed(1)
+    imgs, tgts = torch.randn(n, 3, *config.img_size, generator=g), torch.randn(n, 3, *config.img_size, generator=g)
+    with torch.no_grad():
+        ours = model(imgs, tgts, seg_type=int(embedding_type == "instance"))
+        ref = hf(pixel_values=imgs[:, :, s:], prompt_pixel_values=imgs[:, :, :s], prompt_masks=tgts[:, :, :s],
+                 embedding_type=embedding_type).pred_masks
+    return (ours - ref).abs().max().item(), ref.std().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vit-large", action="store_true", help="also the full ViT-L shape (about a minute)")
+    args = ap.parse_args()
+    small = SegGPTConfig(img_size=(224, 112), patch_size=16, embed_dim=256, depth=24, num_heads=4,
+                         decoder_embed_dim=32, pretrain_grid=7)
+    cases = [("tiny", SegGPTConfig.tiny()), ("D256x24", small)]
+    if args.vit_large:
+        cases.append(("ViT-L", SegGPTConfig.vit_large()))
+    print(f"{'config':8} {'pairs':>5} {'seg_type':9} {'max abs diff':>13} {'output std':>10}")
+    for name, cfg in cases:
+        for n in (1, 3) if name != "ViT-L" else (1,):
+            for et in ("instance", "semantic"):
+                diff, std = compare(cfg, n, et)
+                print(f"{name:8} {n:5} {et:9} {diff:13.2e} {std:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
