@@ -4,6 +4,7 @@ SegGPT produces one label map per image, so a servable control is a labels tag
 (brush, polygon or rectangle) attached to a single ``<Image value="$key">``;
 label ids in label maps are 1-based positions in the control's label list.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ def parse_label_config(xml: str) -> list[ControlSpec]:
     except Exception as exc:  # the SDK raises its own, non-ValueError, syntax errors
         raise ValueError(f"label config is not valid XML: {exc}") from None
 
-    specs = [_control_spec(interface, control) for control in interface.controls
-             if control.tag.lower() in SUPPORTED_KINDS]
+    specs = [
+        _control_spec(interface, control) for control in interface.controls if control.tag.lower() in SUPPORTED_KINDS
+    ]
     if not specs:
         found = sorted({control.tag for control in interface.controls}) or ["none"]
         raise ValueError(
@@ -65,7 +67,7 @@ def _control_spec(interface: LabelInterface, control) -> ControlSpec:
         raise ValueError(f"Image {to_name!r} uses valueList (multi-image tasks are not supported)")
     value = image.attr.get("value") or ""
     if not value.startswith("$") or len(value) < 2:
-        raise ValueError(f"Image {to_name!r} must take its URL from task data, like value=\"$image\"")
+        raise ValueError(f'Image {to_name!r} must take its URL from task data, like value="$image"')
     labels = tuple(control.labels)
     if not labels:
         raise ValueError(f"{where} has no <Label> values")

@@ -4,6 +4,7 @@ Label Studio 1.23 gives new organisations personal access tokens (PATs) only: a 
 JWT *refresh* token that must be exchanged at ``/api/token/refresh/`` for a 5-minute
 access token. Legacy keys go out as ``Token <key>``. Errors never include either.
 """
+
 from __future__ import annotations
 
 import base64
@@ -18,8 +19,14 @@ _REFRESH_MARGIN_S = 30.0  # refresh this long before the access token expires
 _FALLBACK_LIFETIME_S = 60.0  # for access tokens without an ``exp`` claim
 # Data Manager filter: only tasks with at least one annotation (SDK ``only_annotated`` does not filter in 1.23).
 _ANNOTATED_QUERY = json.dumps(
-    {"filters": {"conjunction": "and", "items": [
-        {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}}
+    {
+        "filters": {
+            "conjunction": "and",
+            "items": [
+                {"filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}
+            ],
+        }
+    }
 )
 
 

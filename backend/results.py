@@ -5,6 +5,7 @@ objects one by one; annotations come back in as a label map, because that is
 what SegGPT takes as a prompt. Coordinates follow Label Studio: polygons and
 rectangles in percent of the image size, polygon vertices at pixel centres.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -35,9 +36,7 @@ def label_map_to_results(
     label_map = _checked_label_map(label_map, len(control.labels))
     height, width = label_map.shape
     if scores is not None and scores.shape != (len(control.labels) + 1, height, width):
-        raise ValueError(
-            f"scores have shape {scores.shape}, expected {(len(control.labels) + 1, height, width)}"
-        )
+        raise ValueError(f"scores have shape {scores.shape}, expected {(len(control.labels) + 1, height, width)}")
     results = []
     for label_id in np.unique(label_map):
         if label_id == 0:
@@ -112,8 +111,7 @@ def _checked_label_map(label_map: np.ndarray, num_labels: int) -> np.ndarray:
     return label_map
 
 
-def _region_value(kind: str, inside: np.ndarray, x: int, y: int, width: int, height: int,
-                  max_points: int) -> dict:
+def _region_value(kind: str, inside: np.ndarray, x: int, y: int, width: int, height: int, max_points: int) -> dict:
     if kind == "brushlabels":
         mask = np.zeros((height, width), dtype=np.uint8)
         mask[y : y + inside.shape[0], x : x + inside.shape[1]][inside] = 255  # the frontend paints alpha
@@ -130,8 +128,13 @@ def _region_value(kind: str, inside: np.ndarray, x: int, y: int, width: int, hei
         }
     if kind == "rectanglelabels":
         h, w = inside.shape
-        return {"x": _pct(x, width), "y": _pct(y, height), "width": _pct(w, width),
-                "height": _pct(h, height), "rotation": 0}
+        return {
+            "x": _pct(x, width),
+            "y": _pct(y, height),
+            "width": _pct(w, width),
+            "height": _pct(h, height),
+            "rotation": 0,
+        }
     raise ValueError(f"unsupported control kind {kind!r}")
 
 

@@ -3,6 +3,7 @@
 Every value is validated here so that a typo in a deployment fails at start-up
 with the variable's name, instead of surfacing later as an obscure runtime error.
 """
+
 from __future__ import annotations
 
 import os

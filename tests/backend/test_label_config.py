@@ -1,7 +1,16 @@
 """parse_label_config on the reference configs and on configs it must refuse."""
+
 import pytest
 
 from backend.label_config import MAX_LABELS, ControlSpec, parse_label_config
+
+
+def config(image: str, control: str) -> str:
+    return f"<View>{image}{control}</View>"
+
+
+IMAGE = '<Image name="i" value="$img"/>'
+BRUSH_A = '<BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels>'
 
 # Section 10.5 of the Label Studio reference.
 BRUSH_CONFIG = """
@@ -84,20 +93,33 @@ def test_exactly_max_labels_is_accepted():
         ("", "empty"),
         ('<View><Image name="i" value="$img"', "not valid XML"),
         ("not xml at all", "not valid XML"),
-        ('<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>',
-         "Choices"),
-        ('<View><Image name="i" value="$img"/><KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels></View>',
-         "KeyPointLabels"),
+        (
+            '<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/></Choices></View>',
+            "Choices",
+        ),
+        (
+            config(IMAGE, '<KeyPointLabels name="k" toName="i"><Label value="a"/></KeyPointLabels>'),
+            "KeyPointLabels",
+        ),
         ('<View><Image name="i" value="$img"/><BrushLabels name="t" toName="i"></BrushLabels></View>', "no <Label>"),
-        ('<View><Text name="i" value="$txt"/><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>',
-         "Text"),
+        (
+            config('<Text name="i" value="$txt"/>', BRUSH_A),
+            "Text",
+        ),
         ('<View><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>', "'i'"),
-        ('<View><Image name="i" valueList="$imgs"/><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>',
-         "valueList"),
-        ('<View><Image name="i" value="http://x/a.png"/><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>',
-         "task data"),
-        ('<View><Image name="i" value="$a"/><Image name="j" value="$b"/>'
-         '<BrushLabels name="t" toName="i,j"><Label value="a"/></BrushLabels></View>', "exactly one Image"),
+        (
+            config('<Image name="i" valueList="$imgs"/>', BRUSH_A),
+            "valueList",
+        ),
+        (
+            config('<Image name="i" value="http://x/a.png"/>', BRUSH_A),
+            "task data",
+        ),
+        (
+            '<View><Image name="i" value="$a"/><Image name="j" value="$b"/>'
+            '<BrushLabels name="t" toName="i,j"><Label value="a"/></BrushLabels></View>',
+            "exactly one Image",
+        ),
     ],
 )
 def test_unservable_configs_raise_value_error(xml, message):
@@ -115,7 +137,9 @@ def test_too_many_labels():
 def test_external_entities_are_not_resolved(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("$stolen")
-    xml = (f'<!DOCTYPE v [<!ENTITY e SYSTEM "file://{secret}">]>'
-           '<View><Image name="i" value="&e;"/><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>')
+    xml = (
+        f'<!DOCTYPE v [<!ENTITY e SYSTEM "file://{secret}">]>'
+        '<View><Image name="i" value="&e;"/><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>'
+    )
     with pytest.raises(ValueError):
         parse_label_config(xml)

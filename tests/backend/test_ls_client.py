@@ -1,78 +1,11 @@
 """LabelStudioClient against a real local HTTP server that behaves like Label Studio 1.23's API."""
-import itertools
-import socket
-import time
 
-import jwt
+import socket
+
 import pytest
 
 from backend.ls_client import LabelStudioClient, LabelStudioError, jwt_claims
-from tests.backend.local_http import Reply, server  # noqa: F401  (fixture)
-
-SIGNING_KEY = "test-signing-key-for-the-fake-label-studio"
-LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
-
-
-def make_jwt(token_type: str, lifetime: float, jti: str) -> str:
-    now = time.time()
-    claims = {"token_type": token_type, "exp": int(now + lifetime), "iat": int(now), "jti": jti, "user_id": 1}
-    return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
-
-
-class FakeLabelStudio:
-    """Token refresh, auth checks, paginated tasks and predictions, as Label Studio answers them."""
-
-    def __init__(self, server, tasks=(), access_lifetime=300.0, legacy_enabled=True):
-        self.server = server
-        self.pat = make_jwt("refresh", 200 * 365 * 86400, "pat")
-        self.access_lifetime = access_lifetime
-        self.legacy_enabled = legacy_enabled
-        self.valid_access: set[str] = set()
-        self.refreshes = 0
-        self.tasks = list(tasks)
-        self.predictions: list[dict] = []
-        self._ids = itertools.count(1)
-        server.route("POST", "/api/token/refresh/", self.refresh)
-        server.route("GET", "/api/tasks/", self.authed(self.list_tasks))
-        server.route("GET", "/api/tasks/2/", self.authed(lambda r: Reply.json(self.tasks[1])))
-        server.route("GET", "/api/projects/1/", self.authed(lambda r: Reply.json({"id": 1, "title": "p"})))
-        server.route("POST", "/api/predictions/", self.authed(self.create_prediction))
-        server.route("GET", "/api/echo-auth/", lambda r: Reply.json({"detail": f"bad {r.headers.get('Authorization')}"}, 500))
-        server.route("GET", "/api/not-json/", self.authed(lambda r: Reply(200, b"<html>")))
-
-    def refresh(self, request):
-        self.refreshes += 1
-        if request.json().get("refresh") != self.pat:
-            return Reply.json({"detail": "Token is invalid or expired", "code": "token_not_valid"}, 401)
-        access = make_jwt("access", self.access_lifetime, f"a{next(self._ids)}")
-        self.valid_access.add(access)
-        return Reply.json({"access": access})
-
-    def authed(self, handler):
-        def check(request):
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            legacy_ok = self.legacy_enabled and scheme == "Token" and token == LEGACY_KEY
-            bearer_ok = scheme == "Bearer" and token in self.valid_access and jwt_claims(token)["exp"] > time.time()
-            if not (legacy_ok or bearer_ok):
-                return Reply.json({"detail": "Authentication credentials were not provided."}, 401)
-            return handler(request)
-
-        return check
-
-    def list_tasks(self, request):
-        page, size = int(request.query["page"][0]), int(request.query["page_size"][0])
-        with_annotations = request.query.get("fields") == ["all"]
-        chunk = self.tasks[(page - 1) * size : page * size]
-        if page > 1 and not chunk:
-            return Reply.json({"detail": "Invalid page."}, 404)
-        tasks = [t if with_annotations else {k: v for k, v in t.items() if k != "annotations"} for t in chunk]
-        return Reply.json({"total_annotations": 0, "total_predictions": 0, "total": len(self.tasks), "tasks": tasks})
-
-    def create_prediction(self, request):
-        body = request.json()
-        self.predictions.append(body)
-        return Reply.json({"id": len(self.predictions), **body}, 201)
+from tests.backend.local_http import LEGACY_KEY, FakeLabelStudio, make_jwt, server  # noqa: F401  (fixture)
 
 
 def task(i, annotations):

@@ -1,4 +1,5 @@
 """Label maps <-> Label Studio results, checked through the SDK's RLE decoder and pycocotools."""
+
 import json
 
 import numpy as np
@@ -16,7 +17,16 @@ POLY = ControlSpec("poly", "polygonlabels", "image", "image", ("Cat", "Dog"))
 RECT = ControlSpec("rect", "rectanglelabels", "image", "image", ("Cat", "Dog"))
 
 # Reference section 11.5: the 64x48 square mask[8:31, 8:31] as stored by a real Label Studio annotation.
-REFERENCE_SQUARE_RLE = [0,0,48,0,57,27,255,8,31,0,203,127,250,140,3,45,255,234,48,12,183,255,168,192,50,223,254,163,0,203,127,250,140,3,45,255,234,48,12,183,255,168,192,50,223,254,163,0,203,127,250,140,3,45,255,234,48,12,183,255,168,192,50,223,254,163,0,203,127,250,140,3,45,255,234,48,12,183,255,168,192,50,223,254,163,0,203,127,250,140,3,45,255,234,48,12,183,255,168,192,50,223,254,163,0,203,127,250,140,3,45,255,234,48,12,183,255,196,96,192,0]  # noqa: E231,E501
+# fmt: off
+REFERENCE_SQUARE_RLE = [
+    0, 0, 48, 0, 57, 27, 255, 8, 31, 0, 203, 127, 250, 140, 3, 45, 255, 234, 48, 12, 183, 255, 168, 192,
+    50, 223, 254, 163, 0, 203, 127, 250, 140, 3, 45, 255, 234, 48, 12, 183, 255, 168, 192, 50, 223, 254, 163, 0,
+    203, 127, 250, 140, 3, 45, 255, 234, 48, 12, 183, 255, 168, 192, 50, 223, 254, 163, 0, 203, 127, 250, 140, 3,
+    45, 255, 234, 48, 12, 183, 255, 168, 192, 50, 223, 254, 163, 0, 203, 127, 250, 140, 3, 45, 255, 234, 48, 12,
+    183, 255, 168, 192, 50, 223, 254, 163, 0, 203, 127, 250, 140, 3, 45, 255, 234, 48, 12, 183, 255, 196, 96, 192,
+    0,
+]
+# fmt: on
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -65,8 +75,17 @@ def test_brush_regions_round_trip_exactly_through_the_sdk_decoder():
 def test_result_items_have_label_studio_shape_and_are_json_serialisable():
     results = label_map_to_results(scene(), np.full((3, 90, 120), 0.5, np.float32), BRUSH, min_area=1)
     for r in results:
-        assert set(r) == {"id", "from_name", "to_name", "type", "original_width", "original_height",
-                          "image_rotation", "value", "score"}
+        assert set(r) == {
+            "id",
+            "from_name",
+            "to_name",
+            "type",
+            "original_width",
+            "original_height",
+            "image_rotation",
+            "value",
+            "score",
+        }
         assert (r["from_name"], r["to_name"], r["type"], r["image_rotation"]) == ("tag", "image", "brushlabels", 0)
         assert isinstance(r["id"], str) and 0 < len(r["id"]) <= 12
     assert len({r["id"] for r in results}) == len(results)
@@ -124,8 +143,14 @@ def test_rectangles_match_instance_boxes():
     lm[disk(50, 80, 30, 60, 8)] = 2
     results = label_map_to_results(lm, None, RECT, min_area=1)
     boxes = {r["value"]["rectanglelabels"][0]: r["value"] for r in results}
-    assert boxes["Cat"] == {"x": 6.25, "y": 20.0, "width": 25.0, "height": 20.0, "rotation": 0,
-                            "rectanglelabels": ["Cat"]}
+    assert boxes["Cat"] == {
+        "x": 6.25,
+        "y": 20.0,
+        "width": 25.0,
+        "height": 20.0,
+        "rotation": 0,
+        "rectanglelabels": ["Cat"],
+    }
     dog = boxes["Dog"]
     assert (dog["x"] / 100 * 80, dog["y"] / 100 * 50) == pytest.approx((52, 22))
     assert (dog["width"] / 100 * 80, dog["height"] / 100 * 50) == pytest.approx((17, 17))
@@ -188,8 +213,12 @@ def test_bad_label_maps_are_refused(lm, scores, message):
 
 
 def brush_item(rle, label="Cat", from_name="tag"):
-    return {"from_name": from_name, "to_name": "image", "type": "brushlabels",
-            "value": {"format": "rle", "rle": rle, "brushlabels": [label]}}
+    return {
+        "from_name": from_name,
+        "to_name": "image",
+        "type": "brushlabels",
+        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
+    }
 
 
 def test_reference_annotation_decodes_to_the_square():
@@ -231,9 +260,16 @@ def test_frontend_style_rle_with_literal_runs_and_soft_edges():
 
 
 def test_reference_polygon_annotation():
-    item = {"from_name": "poly", "to_name": "image", "type": "polygonlabels",
-            "value": {"points": [[12.5, 16.7], [46.9, 16.7], [46.9, 62.5], [12.5, 62.5]], "closed": True,
-                      "polygonlabels": ["Dog"]}}
+    item = {
+        "from_name": "poly",
+        "to_name": "image",
+        "type": "polygonlabels",
+        "value": {
+            "points": [[12.5, 16.7], [46.9, 16.7], [46.9, 62.5], [12.5, 62.5]],
+            "closed": True,
+            "polygonlabels": ["Dog"],
+        },
+    }
     lm = results_to_label_map([item], POLY, 48, 64)
     ys, xs = np.nonzero(lm)
     assert set(np.unique(lm)) == {0, 2}
@@ -246,18 +282,29 @@ def test_reference_polygon_annotation():
 )
 def test_rectangles_rotated_by_right_angles_are_exact(rotation, rows, cols):
     # A 20x10 px box at (40, 10) rotated clockwise around its top-left corner.
-    item = {"from_name": "rect", "type": "rectanglelabels",
-            "value": {"x": 40.0, "y": 10.0, "width": 20.0, "height": 10.0, "rotation": rotation,
-                      "rectanglelabels": ["Cat"]}}
+    item = {
+        "from_name": "rect",
+        "type": "rectanglelabels",
+        "value": {
+            "x": 40.0,
+            "y": 10.0,
+            "width": 20.0,
+            "height": 10.0,
+            "rotation": rotation,
+            "rectanglelabels": ["Cat"],
+        },
+    }
     expected = np.zeros((100, 100), np.int32)
     expected[rows[0] : rows[1], cols[0] : cols[1]] = 1
     np.testing.assert_array_equal(results_to_label_map([item], RECT, 100, 100), expected)
 
 
 def test_rectangle_rotated_by_45_degrees():
-    item = {"from_name": "rect", "type": "rectanglelabels",
-            "value": {"x": 50.0, "y": 10.0, "width": 40.0, "height": 40.0, "rotation": 45,
-                      "rectanglelabels": ["Dog"]}}
+    item = {
+        "from_name": "rect",
+        "type": "rectanglelabels",
+        "value": {"x": 50.0, "y": 10.0, "width": 40.0, "height": 40.0, "rotation": 45, "rectanglelabels": ["Dog"]},
+    }
     lm = results_to_label_map([item], RECT, 100, 100)
     # The square's centre lies below its top-left corner at (50, 10 + 40 * sqrt(2) / 2).
     yy, xx = np.mgrid[:100, :100] + 0.5
@@ -276,10 +323,17 @@ def test_other_controls_and_unlabelled_regions_are_ignored_and_later_regions_win
         {"from_name": "kp", "type": "keypointlabels", "value": {"x": 1, "y": 1, "keypointlabels": ["Cat"]}},
         brush_item(REFERENCE_SQUARE_RLE, "Cat"),
         {"from_name": "tag", "type": "brushlabels", "value": {"format": "rle", "rle": [], "brushlabels": []}},
-        {"from_name": "tag", "type": "brushlabels",
-         "value": {"format": "rle", "rle": label_map_to_results(np.pad(np.ones((5, 5), np.int32), ((0, 43), (0, 59))),
-                                                                None, BRUSH, min_area=1)[0]["value"]["rle"],
-                   "brushlabels": ["Dog"]}},
+        {
+            "from_name": "tag",
+            "type": "brushlabels",
+            "value": {
+                "format": "rle",
+                "rle": label_map_to_results(
+                    np.pad(np.ones((5, 5), np.int32), ((0, 43), (0, 59))), None, BRUSH, min_area=1
+                )[0]["value"]["rle"],
+                "brushlabels": ["Dog"],
+            },
+        },
     ]
     lm = results_to_label_map(items, BRUSH, 48, 64)
     expected = square.copy()
@@ -296,17 +350,43 @@ def test_other_controls_and_unlabelled_regions_are_ignored_and_later_regions_win
         (brush_item([0, 0, 48, 0, 57, 27, 999, 8]), "byte values"),
         (brush_item("not a list"), "byte values"),
         (brush_item(None), "byte values"),
-        ({"from_name": "tag", "type": "brushlabels", "value": {"format": "png", "rle": [], "brushlabels": ["Cat"]}},
-         "format"),
+        (
+            {"from_name": "tag", "type": "brushlabels", "value": {"format": "png", "rle": [], "brushlabels": ["Cat"]}},
+            "format",
+        ),
         ({"from_name": "tag", "type": "labels", "value": {"labels": ["Cat"]}}, "unsupported type"),
-        ({"from_name": "tag", "type": "polygonlabels", "value": {"points": [[1, 2], [3, 4]], "polygonlabels": ["Cat"]}},
-         "three"),
-        ({"from_name": "tag", "type": "rectanglelabels",
-          "value": {"x": "a", "y": 0, "width": 1, "height": 1, "rectanglelabels": ["Cat"]}}, "numbers"),
-        ({"from_name": "tag", "type": "rectanglelabels",
-          "value": {"x": 0, "y": 0, "width": float("nan"), "height": 1, "rectanglelabels": ["Cat"]}}, "finite"),
-        ({"from_name": "tag", "type": "polygonlabels",
-          "value": {"points": [[0, 0], [1e12, 0], [0, 5]], "polygonlabels": ["Cat"]}}, "far outside"),
+        (
+            {
+                "from_name": "tag",
+                "type": "polygonlabels",
+                "value": {"points": [[1, 2], [3, 4]], "polygonlabels": ["Cat"]},
+            },
+            "three",
+        ),
+        (
+            {
+                "from_name": "tag",
+                "type": "rectanglelabels",
+                "value": {"x": "a", "y": 0, "width": 1, "height": 1, "rectanglelabels": ["Cat"]},
+            },
+            "numbers",
+        ),
+        (
+            {
+                "from_name": "tag",
+                "type": "rectanglelabels",
+                "value": {"x": 0, "y": 0, "width": float("nan"), "height": 1, "rectanglelabels": ["Cat"]},
+            },
+            "finite",
+        ),
+        (
+            {
+                "from_name": "tag",
+                "type": "polygonlabels",
+                "value": {"points": [[0, 0], [1e12, 0], [0, 5]], "polygonlabels": ["Cat"]},
+            },
+            "far outside",
+        ),
     ],
 )
 def test_bad_annotations_raise_value_error(item, message):

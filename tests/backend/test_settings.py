@@ -1,4 +1,5 @@
 """Settings.from_env: defaults, parsing and errors that name the variable."""
+
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,7 @@ def test_empty_values_count_as_unset():
 
 
 def test_secrets_stay_out_of_repr():
-    s = Settings.from_env(
-        {"LABEL_STUDIO_API_KEY": "supersecret", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "hunter2"}
-    )
+    s = Settings.from_env({"LABEL_STUDIO_API_KEY": "supersecret", "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "hunter2"})
     assert "supersecret" not in repr(s) and "hunter2" not in repr(s)
 
 

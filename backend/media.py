@@ -1,0 +1,271 @@
+"""Fetching task images the way Label Studio serves them, safely.
+
+Task URLs are user data, so every download is bounded in size and time, only goes
+to Label Studio or to hosts the operator allowed (redirects are re-checked per hop,
+against SSRF), and carries Label Studio credentials only to Label Studio itself.
+Images are decoded as the browser shows them (EXIF orientation applied), because
+regions are drawn in those coordinates.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import threading
+import time
+from collections import OrderedDict
+from pathlib import PurePosixPath
+from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.ls_client import LabelStudioClient, LabelStudioError
+from backend.settings import Settings
+
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # no plugins that shell out (EPS)
+MAX_REDIRECTS = 5
+LOCAL_FILES_PATH = "/data/local-files/"
+
+
+class MediaError(ValueError):
+    """An image that cannot be used, with a reason fit for an API response."""
+
+
+class MediaFetcher:
+    """Loads task images from any URL kind Label Studio puts in ``task.data``."""
+
+    def __init__(self, settings: Settings, client: LabelStudioClient | None = None):
+        self._settings = settings
+        self._owns_client = client is None and bool(settings.label_studio_url and settings.label_studio_api_key)
+        if self._owns_client:
+            client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+        self._client = client
+        self._ls_url = client.url if client else settings.label_studio_url
+        self._http = httpx.Client(timeout=settings.media_timeout, follow_redirects=False)
+        self._cache = _ImageCache(settings.media_cache_mb * 1024 * 1024)
+
+    def close(self) -> None:
+        self._http.close()
+        if self._owns_client:
+            self._client.close()
+
+    def load_image(self, url: str, task_id: int | None = None) -> Image.Image:
+        """The image at ``url`` as RGB, EXIF-transposed; ``task_id`` is needed for cloud URIs."""
+        if not isinstance(url, str) or not url.strip():
+            raise MediaError("task has no image URL")
+        url = url.strip()
+        key = (url, task_id if _scheme(url) in CLOUD_SCHEMES else None)
+        image = self._cache.get(key)
+        if image is None:
+            image = self._decode(self._read(url, task_id), _describe(url))
+            self._cache.put(key, image)
+        return image.copy()
+
+    def _read(self, url: str, task_id: int | None) -> bytes:
+        scheme = _scheme(url)
+        if scheme == "data":
+            return self._data_url(url)
+        if scheme in CLOUD_SCHEMES:
+            if task_id is None:
+                raise MediaError(f"{scheme}:// images need the task id to be presigned by Label Studio")
+            fileuri = base64.urlsafe_b64encode(url.encode()).decode()
+            return self._fetch(self._on_label_studio(f"/tasks/{int(task_id)}/presign/?fileuri={fileuri}"))
+        if scheme == "" and url.startswith("/") and not url.startswith("//"):
+            return self._local_file(url) or self._fetch(self._on_label_studio(url))
+        if scheme not in ("http", "https"):
+            raise MediaError(f"unsupported image URL {_describe(url)}")
+        if self._is_label_studio(url):
+            return self._local_file(url) or self._fetch(url)
+        return self._fetch(url)
+
+    def _on_label_studio(self, path: str) -> str:
+        if not self._ls_url:
+            raise MediaError(f"{_describe(path)} is served by Label Studio, but LABEL_STUDIO_URL is not set")
+        return self._ls_url + path
+
+    def _is_label_studio(self, url: str) -> bool:
+        return self._ls_url is not None and _origin(url) == _origin(self._ls_url)
+
+    def _allowed(self, url: str) -> bool:
+        if self._is_label_studio(url):
+            return True
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return any(entry in (host, netloc) for entry in self._settings.allowed_media_hosts)
+
+    def _local_file(self, url: str) -> bytes | None:
+        """Bytes of a ``/data/local-files/?d=...`` file under LOCAL_FILES_DOCUMENT_ROOT, if it is there.
+
+        A missing file falls back to downloading from Label Studio; a path that leaves
+        the root (``..``, absolute paths, symlinks pointing out) is refused outright.
+        """
+        root = self._settings.local_files_document_root
+        parts = urlsplit(url)
+        if root is None or parts.path.rstrip("/") != LOCAL_FILES_PATH.rstrip("/"):
+            return None
+        relative = (parse_qs(parts.query).get("d") or [""])[0]
+        pure = PurePosixPath(relative)
+        if not relative or "\x00" in relative or pure.is_absolute() or ".." in pure.parts:
+            raise MediaError(f"local file path {relative!r} is not a relative path inside the document root")
+        path = (root / pure).resolve()
+        if not path.is_relative_to(root):
+            raise MediaError(f"local file {relative!r} resolves outside the document root")
+        if not path.is_file():
+            if self._ls_url:
+                return None
+            raise MediaError(f"local file {relative!r} does not exist under LOCAL_FILES_DOCUMENT_ROOT")
+        if path.stat().st_size > self._settings.max_image_bytes:
+            raise MediaError(f"local file {relative!r} is larger than MAX_IMAGE_BYTES")
+        return path.read_bytes()
+
+    def _fetch(self, url: str) -> bytes:
+        if not self._allowed(url):
+            raise MediaError(
+                f"image host of {_describe(url)} is not allowed; add it to ALLOWED_MEDIA_HOSTS to fetch from it"
+            )
+        deadline = time.monotonic() + self._settings.media_timeout
+        on_label_studio = True  # credentials only while every hop so far was Label Studio's
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                on_label_studio = on_label_studio and self._is_label_studio(url)
+                headers = self._auth_headers() if on_label_studio else {}
+                timeout = max(deadline - time.monotonic(), 0.001)
+                with self._http.stream("GET", url, headers=headers, timeout=timeout) as response:
+                    if response.is_redirect:
+                        url = self._redirect_target(url, response.headers.get("location", ""))
+                        continue
+                    if response.status_code != 200:
+                        raise MediaError(f"downloading {_describe(url)} failed: HTTP {response.status_code}")
+                    return self._body(response, deadline, url)
+        except httpx.TimeoutException:
+            raise MediaError(f"downloading {_describe(url)} took longer than MEDIA_TIMEOUT") from None
+        except httpx.HTTPError as exc:
+            raise MediaError(f"downloading {_describe(url)} failed ({type(exc).__name__})") from None
+        raise MediaError(f"downloading {_describe(url)} was redirected more than {MAX_REDIRECTS} times")
+
+    def _redirect_target(self, url: str, location: str) -> str:
+        """Redirects chosen by Label Studio (e.g. presigned storage URLs) are trusted; others re-checked."""
+        target = urljoin(url, location)
+        if _scheme(target) not in ("http", "https"):
+            raise MediaError(f"{_describe(url)} redirected to an unsupported URL")
+        if not self._is_label_studio(url) and not self._allowed(target):
+            raise MediaError(f"{_describe(url)} redirected to {_describe(target)}, a host that is not allowed")
+        return target
+
+    def _auth_headers(self) -> dict[str, str]:
+        if self._client is None:
+            return {}
+        try:
+            return self._client.auth_headers()
+        except LabelStudioError as exc:
+            raise MediaError(f"cannot authenticate to Label Studio: {exc}") from None
+
+    def _body(self, response: httpx.Response, deadline: float, url: str) -> bytes:
+        limit = self._settings.max_image_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise MediaError(f"{_describe(url)} is {declared} bytes, more than MAX_IMAGE_BYTES ({limit})")
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise MediaError(f"{_describe(url)} is larger than MAX_IMAGE_BYTES ({limit})")
+            if time.monotonic() > deadline:
+                raise MediaError(f"downloading {_describe(url)} took longer than MEDIA_TIMEOUT")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _data_url(self, url: str) -> bytes:
+        header, sep, payload = url[5:].partition(",")
+        if not sep or not header.endswith(";base64") or not header.startswith("image/"):
+            raise MediaError("only base64 data:image/... URLs are supported")
+        if len(payload) * 3 // 4 > self._settings.max_image_bytes:
+            raise MediaError("data: URL is larger than MAX_IMAGE_BYTES")
+        try:
+            return base64.b64decode(unquote_to_bytes(payload), validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaError("data: URL holds invalid base64") from None
+
+    def _decode(self, data: bytes, where: str) -> Image.Image:
+        try:
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            width, height = image.size
+            limit = self._settings.max_image_pixels
+            if width * height > limit:
+                raise MediaError(f"{where} is {width}x{height} pixels, more than MAX_IMAGE_PIXELS ({limit})")
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+        except MediaError:
+            raise
+        except Image.DecompressionBombError:
+            raise MediaError(f"{where} has too many pixels (decompression bomb)") from None
+        except UnidentifiedImageError:
+            raise MediaError(f"{where} is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+        except (OSError, SyntaxError, ValueError, EOFError):
+            raise MediaError(f"{where} is a truncated or corrupt image") from None
+
+
+class _ImageCache:
+    """LRU of decoded images, bounded by their pixel bytes; shared by request threads."""
+
+    def __init__(self, max_bytes: int):
+        self._max = max_bytes
+        self._items: OrderedDict[tuple, Image.Image] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Image.Image | None:
+        with self._lock:
+            image = self._items.get(key)
+            if image is not None:
+                self._items.move_to_end(key)
+            return image
+
+    def put(self, key: tuple, image: Image.Image) -> None:
+        cost = image.width * image.height * 3
+        if cost > self._max:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = image
+            self._size += cost
+            while self._size > self._max:
+                _, old = self._items.popitem(last=False)
+                self._size -= old.width * old.height * 3
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit: browsers show the high byte
+        high = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        image = Image.fromarray(high)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _scheme(url: str) -> str:
+    head, sep, _ = url.partition(":")
+    return head.lower() if sep and head.replace("-", "").isalnum() else ""
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def _describe(url: str) -> str:
+    """The URL without credentials or query (presigned URLs carry signatures there)."""
+    if url.startswith("data:"):
+        return "data: URL"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    where = f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path
+    local = parse_qs(parts.query).get("d") if parts.path.rstrip("/") == LOCAL_FILES_PATH.rstrip("/") else None
+    return f"{where}?d={local[0]}" if local else where
