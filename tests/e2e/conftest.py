@@ -5,6 +5,7 @@ Label Studio runs from its own virtualenv made by ``scripts/install_label_studio
 a Django/numpy stack of its own, so it never shares the project's .venv) and starts from a
 copy of a pre-migrated data dir, which takes seconds instead of a 20-40 s migration.
 """
+
 from __future__ import annotations
 
 import os
@@ -121,20 +122,36 @@ def base_env() -> dict[str, str]:
 
 def http_ok(url: str) -> Callable[[], bool]:
     """Readiness probe: ``url`` answers 200."""
+
     def probe() -> bool:
         try:
             return httpx.get(url, timeout=2).status_code == 200
         except httpx.TransportError:
             return False
+
     return probe
 
 
-def start_server(name: str, cmd: list[str], env: dict[str, str], log_path: Path,
-                 ready: Callable[[], bool], timeout_s: float, cwd: Path | None = None) -> ServerProcess:
+def start_server(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    ready: Callable[[], bool],
+    timeout_s: float,
+    cwd: Path | None = None,
+) -> ServerProcess:
     """Start ``cmd`` and wait until ``ready()``; fail the test with the log tail if it never is."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     server = ServerProcess(name, proc, log_path)
     SERVERS.append(server)
     deadline = time.monotonic() + timeout_s
@@ -152,9 +169,11 @@ def create_personal_access_token(url: str, email: str, password: str) -> str:
     with httpx.Client(base_url=url, timeout=30) as client:
         client.get("/user/login/").raise_for_status()
         csrf = client.cookies["csrftoken"]
-        login = client.post("/user/login/", data={"email": email, "password": password,
-                                                   "csrfmiddlewaretoken": csrf},
-                            headers={"Referer": f"{url}/user/login/"})
+        login = client.post(
+            "/user/login/",
+            data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
+            headers={"Referer": f"{url}/user/login/"},
+        )
         if login.status_code != 302:
             raise RuntimeError(f"login as {email} failed: HTTP {login.status_code}")
         response = client.post("/api/token/", headers={"X-CSRFToken": client.cookies["csrftoken"]})
@@ -183,8 +202,9 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     executable = LS_VENV / "bin" / "label-studio"
     marker = LS_TEMPLATE / ".template-ready"
     if not executable.is_file() or not marker.is_file():
-        pytest.fail(f"Label Studio is not installed: {executable} or {marker} is missing; {INSTALL_HINT}",
-                    pytrace=False)
+        pytest.fail(
+            f"Label Studio is not installed: {executable} or {marker} is missing; {INSTALL_HINT}", pytrace=False
+        )
     email, password = marker.read_text().splitlines()[:2]
     root = tmp_path_factory.mktemp("label-studio")
     data_dir = root / "data"
@@ -202,10 +222,20 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         "SENTRY_DSN": "",
         "FRONTEND_SENTRY_DSN": "",
     }
-    cmd = [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(data_dir), "--log-level", "WARNING"]
-    server = start_server("label-studio", cmd, env, root / "label-studio.log", http_ok(f"{url}/health"),
-                          timeout_s=120)
+    cmd = [
+        str(executable),
+        "start",
+        "--no-browser",
+        "--internal-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--log-level",
+        "WARNING",
+    ]
+    server = start_server("label-studio", cmd, env, root / "label-studio.log", http_ok(f"{url}/health"), timeout_s=120)
     try:
         token = create_personal_access_token(url, email, password)
         # LS silently moves to port+1 when the port is taken: make sure this is our server.
@@ -219,8 +249,9 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
 @pytest.fixture(scope="session")
 def ls_api(label_studio: LabelStudio) -> Iterator[httpx.Client]:
     """An HTTP client for the LS API, authenticated with the PAT."""
-    with httpx.Client(base_url=label_studio.url, auth=PatAuth(label_studio.url, label_studio.token),
-                      timeout=120) as client:
+    with httpx.Client(
+        base_url=label_studio.url, auth=PatAuth(label_studio.url, label_studio.token), timeout=120
+    ) as client:
         yield client
 
 
@@ -242,8 +273,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     unlike the embedded default, the tests can read what the backend stored there."""
     root = tmp_path_factory.mktemp("redis")
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("redis-server")), "--bind", "127.0.0.1", "--port", str(port),
-           "--save", "", "--appendonly", "no", "--dir", str(root)]
+    cmd = [
+        str(Path(sys.executable).with_name("redis-server")),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(root),
+    ]
     client = redis.Redis(port=port, socket_connect_timeout=1)
 
     def ready() -> bool:
@@ -261,8 +303,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def backend_server(label_studio: LabelStudio, redis_url: str,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def backend_server(
+    label_studio: LabelStudio, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
     """This project's backend as a real process, talking to ``label_studio`` with the PAT."""
     root = tmp_path_factory.mktemp("backend")
     weights = write_tiny_checkpoint(root / "seggpt-tiny.pth")
@@ -281,8 +324,9 @@ def backend_server(label_studio: LabelStudio, redis_url: str,
     # `python -m backend` from the checkout runs the code under test even when the installed
     # `seggpt-backend` script belongs to an older editable install.
     cmd = [sys.executable, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    server = start_server("backend", cmd, env, root / "backend.log", http_ok(f"{url}/health"),
-                          timeout_s=120, cwd=REPO_ROOT)
+    server = start_server(
+        "backend", cmd, env, root / "backend.log", http_ok(f"{url}/health"), timeout_s=120, cwd=REPO_ROOT
+    )
     try:
         yield Backend(url, redis_url)
     finally:

@@ -2,6 +2,7 @@
 images and two annotations, the SegGPT backend connected through the LS API, then batch
 predictions, an interactive request and "Start training" driven the way the UI drives them.
 """
+
 from __future__ import annotations
 
 import io
@@ -70,9 +71,17 @@ def brush_result(scene: Scene) -> list[dict]:
     """The annotation an annotator would submit: one brush region per label."""
     width, height = scene.size
     return [
-        {"id": f"{scene.name}-{label}", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-         "origin": "manual", "original_width": width, "original_height": height, "image_rotation": 0,
-         "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": [label]}}
+        {
+            "id": f"{scene.name}-{label}",
+            "from_name": "tag",
+            "to_name": "image",
+            "type": "brushlabels",
+            "origin": "manual",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(mask), "brushlabels": [label]},
+        }
         for label, mask in scene.masks.items()
     ]
 
@@ -107,8 +116,9 @@ class Project:
 def ok(response: httpx.Response, status: int = 200) -> dict | list:
     """The JSON body, after checking the status (the message names the call and the reply)."""
     request = response.request
-    assert response.status_code == status, (
-        f"{request.method} {request.url}: HTTP {response.status_code} {response.text[:500]}")
+    assert (
+        response.status_code == status
+    ), f"{request.method} {request.url}: HTTP {response.status_code} {response.text[:500]}"
     return response.json() if response.content else {}
 
 
@@ -121,8 +131,10 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30) ->
 
 def wait_for_prompts(project: Project, prompt_store: PromptStore) -> None:
     """Webhooks are applied after they are answered, so prompts arrive a moment later."""
-    wait_for(lambda: prompt_store.entry_count(str(project.id)) == len(project.annotated),
-             f"{len(project.annotated)} prompts in the backend's bank")
+    wait_for(
+        lambda: prompt_store.entry_count(str(project.id)) == len(project.annotated),
+        f"{len(project.annotated)} prompts in the backend's bank",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +156,19 @@ def project(ls_api: httpx.Client, backend_url: str) -> Project:
         task_scenes[task["id"]] = scenes[match.group(1)]
     assert len(task_scenes) == len(scenes)
 
-    ml = ok(ls_api.post("/api/ml/", json={"project": pid, "url": backend_url, "title": "seggpt-e2e",
-                                          "is_interactive": True, "auto_update": True}), 201)
+    ml = ok(
+        ls_api.post(
+            "/api/ml/",
+            json={
+                "project": pid,
+                "url": backend_url,
+                "title": "seggpt-e2e",
+                "is_interactive": True,
+                "auto_update": True,
+            },
+        ),
+        201,
+    )
     assert ml["state"] == "CO", ml
     hooks = ok(ls_api.get("/api/webhooks/", params={"project": pid}))
     assert [h["url"] for h in hooks] == [f"{backend_url}/webhook"]
@@ -153,9 +176,18 @@ def project(ls_api: httpx.Client, backend_url: str) -> Project:
     task_ids = sorted(task_scenes, key=lambda tid: task_scenes[tid].name)
     annotated = tuple(task_ids[:ANNOTATED_SCENES])
     for tid in annotated:
-        ok(ls_api.post(f"/api/tasks/{tid}/annotations/",
-                       json={"result": brush_result(task_scenes[tid]), "was_cancelled": False,
-                             "ground_truth": False, "lead_time": 2.0}), 201)
+        ok(
+            ls_api.post(
+                f"/api/tasks/{tid}/annotations/",
+                json={
+                    "result": brush_result(task_scenes[tid]),
+                    "was_cancelled": False,
+                    "ground_truth": False,
+                    "lead_time": 2.0,
+                },
+            ),
+            201,
+        )
     return Project(pid, ml["id"], task_scenes, annotated, tuple(task_ids[ANNOTATED_SCENES:]))
 
 
@@ -164,8 +196,7 @@ def test_annotations_round_trip_through_label_studio(ls_api: httpx.Client, proje
     for tid in project.annotated:
         scene = project.scenes[tid]
         [annotation] = ok(ls_api.get(f"/api/tasks/{tid}/annotations/"))
-        decoded = {item["value"]["brushlabels"][0]: decode_brush(item, *scene.size)
-                   for item in annotation["result"]}
+        decoded = {item["value"]["brushlabels"][0]: decode_brush(item, *scene.size) for item in annotation["result"]}
         assert set(decoded) == set(LABELS)
         for label, mask in decoded.items():
             np.testing.assert_array_equal(mask, scene.masks[label] > 0)
@@ -179,14 +210,20 @@ def test_annotations_become_prompts(project: Project, prompt_store: PromptStore)
         assert prompt_store.entry(str(project.id), tid) is not None, f"task {tid} is not a prompt"
 
 
-def test_retrieve_predictions_stores_brush_masks(ls_api: httpx.Client, project: Project,
-                                                 prompt_store: PromptStore) -> None:
+def test_retrieve_predictions_stores_brush_masks(
+    ls_api: httpx.Client, project: Project, prompt_store: PromptStore
+) -> None:
     """The Data Manager action sends the unlabeled tasks to /predict in one batch; every one
     gets a stored prediction at its image's size, with config labels and the backend's
     model_version."""
     wait_for_prompts(project, prompt_store)
-    action = ok(ls_api.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project.id},
-                            json={"selectedItems": {"all": False, "included": list(project.unlabeled)}}))
+    action = ok(
+        ls_api.post(
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project.id},
+            json={"selectedItems": {"all": False, "included": list(project.unlabeled)}},
+        )
+    )
     assert action.get("processed_items") == len(project.unlabeled), action
 
     version = ok(ls_api.get(f"/api/ml/{project.ml_backend_id}"))["model_version"]
@@ -202,8 +239,9 @@ def test_retrieve_predictions_stores_brush_masks(ls_api: httpx.Client, project: 
     assert regions > 0, "no task received a single region"
 
 
-def test_interactive_request_returns_suggestions(ls_api: httpx.Client, project: Project,
-                                                 prompt_store: PromptStore) -> None:
+def test_interactive_request_returns_suggestions(
+    ls_api: httpx.Client, project: Project, prompt_store: PromptStore
+) -> None:
     """A smart-tool request goes straight to /predict with the context; LS hands the first
     result back to the caller and stores nothing."""
     wait_for_prompts(project, prompt_store)
@@ -211,8 +249,9 @@ def test_interactive_request_returns_suggestions(ls_api: httpx.Client, project: 
     scene = project.scenes[tid]
     stored = len(ok(ls_api.get("/api/predictions/", params={"task": tid})))
     context = {"result": brush_result(scene)[:1]}
-    body = ok(ls_api.post(f"/api/ml/{project.ml_backend_id}/interactive-annotating",
-                          json={"task": tid, "context": context}))
+    body = ok(
+        ls_api.post(f"/api/ml/{project.ml_backend_id}/interactive-annotating", json={"task": tid, "context": context})
+    )
     assert "errors" not in body, body
     suggestion = body["data"]
     assert suggestion["model_version"] == ok(ls_api.get(f"/api/ml/{project.ml_backend_id}"))["model_version"]
@@ -220,9 +259,8 @@ def test_interactive_request_returns_suggestions(ls_api: httpx.Client, project: 
     assert len(ok(ls_api.get("/api/predictions/", params={"task": tid}))) == stored
 
 
-def test_start_training_reaches_the_backend(ls_api: httpx.Client, project: Project,
-                                            prompt_store: PromptStore) -> None:
-    """"Start training" reaches the backend as a START_TRAINING webhook through the ML API
+def test_start_training_reaches_the_backend(ls_api: httpx.Client, project: Project, prompt_store: PromptStore) -> None:
+    """ "Start training" reaches the backend as a START_TRAINING webhook through the ML API
     client, and the backend records a job for the project. (LS answers 200 whatever the
     backend replied, and re-checks /health and /setup on every read of the backend row, so
     its TRAINING/ERROR state cannot be observed through the API.)"""
