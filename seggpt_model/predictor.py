@@ -9,6 +9,7 @@ import torch
 
 from . import processing as P
 from .modeling import SegGPT
+from .tuning import TunedPrompt
 from .weights import model_fingerprint
 
 Prompt = tuple[object, object]  # (image, label map)
@@ -45,15 +46,26 @@ class SegGPTPredictor:
     def image_size(self) -> int:
         return self.model.config.image_size
 
-    def predict(self, query, prompts: Sequence[Prompt], num_labels: int | None = None,
-                seg_type: str = "instance") -> Prediction:
-        return self.predict_batch([query], prompts, num_labels=num_labels, seg_type=seg_type)[0]
+    def predict(self, query, prompts: Sequence[Prompt] = (), num_labels: int | None = None,
+                seg_type: str = "instance", tuned: TunedPrompt | None = None) -> Prediction:
+        return self.predict_batch([query], prompts, num_labels=num_labels, seg_type=seg_type, tuned=tuned)[0]
 
-    def prepare_prompts(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(K, 3, S, S) normalised prompt images and colour-coded masks, and the label count."""
-        if not prompts:
-            raise ValueError("at least one (image, label map) prompt is needed")
+    def prepare_prompts(self, prompts: Sequence[Prompt], tuned: TunedPrompt | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(K, 3, S, S) normalised prompt images and colour-coded masks, and the label count.
+
+        A tuned prompt, when given, comes first and joins the examples in the ensemble.
+        """
+        if not prompts and tuned is None:
+            raise ValueError("at least one (image, label map) prompt or a tuned prompt is needed")
         images, masks, top = [], [], 0
+        if tuned is not None:
+            if tuple(tuned.image.shape) != (3, self.image_size, self.image_size):
+                raise ValueError(f"tuned prompt is {tuple(tuned.image.shape)}, this model needs "
+                                 f"(3, {self.image_size}, {self.image_size})")
+            images.append(tuned.image.float().cpu())
+            masks.append(tuned.mask.float().cpu())
+            top = tuned.num_labels
         for i, prompt in enumerate(prompts):
             try:
                 image, label_map = prompt
@@ -70,12 +82,12 @@ class SegGPTPredictor:
         return torch.stack(images), torch.stack(masks), top
 
     @torch.inference_mode()
-    def predict_batch(self, queries: Sequence, prompts: Sequence[Prompt], num_labels: int | None = None,
-                      seg_type: str = "instance") -> list[Prediction]:
-        """Label maps for each query, all in context of the same prompts."""
+    def predict_batch(self, queries: Sequence, prompts: Sequence[Prompt] = (), num_labels: int | None = None,
+                      seg_type: str = "instance", tuned: TunedPrompt | None = None) -> list[Prediction]:
+        """Label maps for each query, all in context of the same prompts (and tuned prompt)."""
         if seg_type not in ("instance", "semantic"):
             raise ValueError(f"seg_type must be 'instance' or 'semantic', got {seg_type!r}")
-        p_img, p_mask, top = self.prepare_prompts(prompts)
+        p_img, p_mask, top = self.prepare_prompts(prompts, tuned)
         num_labels = max(num_labels or 0, top, 1)
         if num_labels > P.MAX_LABELS:
             raise ValueError(f"at most {P.MAX_LABELS} labels are supported, got {num_labels}")
