@@ -1,8 +1,9 @@
 # SegGPT ML backend for Label Studio: one image for `seggpt-backend serve` and `seggpt-backend worker`.
 #
-# PyTorch wheels: by default the CPU-only build from the PyTorch CPU index (about 1 GB smaller,
-# runs on any machine). For NVIDIA GPUs build with an empty TORCH_INDEX_URL, which installs the
-# default index's Linux wheels (CUDA bundled, still usable on CPU); docker-compose.gpu.yml does that:
+# PyTorch wheels: by default the CPU-only build from the PyTorch CPU index (no CUDA libraries, a far
+# smaller image that runs on any machine). For NVIDIA GPUs build with an empty TORCH_INDEX_URL, which
+# installs the default index's Linux wheels (CUDA bundled, still usable on CPU); docker-compose.gpu.yml
+# does that:
 #   docker build -t seggpt-backend:cpu .
 #   docker build -t seggpt-backend:cuda --build-arg TORCH_INDEX_URL= .
 FROM python:3.11-slim
