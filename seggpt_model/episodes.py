@@ -9,7 +9,7 @@ textures never seen in training.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -39,6 +39,11 @@ class Episode:
     query_labels: np.ndarray
     num_labels: int
     target_present: bool
+    extra_prompts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def prompts(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(self.prompt_image, self.prompt_labels), *self.extra_prompts]
 
 
 def _shape_mask(shape: str, size: int, angle: float) -> np.ndarray:
@@ -156,26 +161,43 @@ def render_scene(instances: list[tuple[ObjectClass, int]], size: int, rng: np.ra
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def make_episode(seed: int, size: int = 128, domain: str = "train", absent_prob: float = 0.1,
-                 multi_prob: float = 0.3) -> Episode:
-    """One prompt/query pair of scenes; the same seed always gives the same episode."""
-    rng = np.random.default_rng(seed)
-    n_targets = 2 if rng.random() < multi_prob else 1
-    targets: list[ObjectClass] = []
-    while len(targets) < n_targets:
-        c = random_class(rng, domain)
-        if c not in targets:
-            targets.append(c)
-    distractors = [distractor_of(targets[int(rng.integers(n_targets))], rng, domain) for _ in range(3)]
-    distractors = [d for d in distractors if d not in targets]
-    present = rng.random() >= absent_prob
+class Task:
+    """A fixed set of target classes and distractors: one labeling project's world."""
 
-    def scene(with_targets: bool):
-        inst = [(t, i + 1) for i, t in enumerate(targets) for _ in range(int(rng.integers(1, 3)))] if with_targets else []
-        inst += [(d, 0) for d in distractors if rng.random() < 0.7]
+    def __init__(self, rng: np.random.Generator, domain: str, multi_prob: float) -> None:
+        self.rng = rng
+        n_targets = 2 if rng.random() < multi_prob else 1
+        self.targets: list[ObjectClass] = []
+        while len(self.targets) < n_targets:
+            c = random_class(rng, domain)
+            if c not in self.targets:
+                self.targets.append(c)
+        distractors = [distractor_of(self.targets[int(rng.integers(n_targets))], rng, domain) for _ in range(3)]
+        self.distractors = [d for d in distractors if d not in self.targets]
+
+    def scene(self, size: int, with_targets: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        inst = [(t, i + 1) for i, t in enumerate(self.targets)
+                for _ in range(int(rng.integers(1, 3)))] if with_targets else []
+        inst += [(d, 0) for d in self.distractors if rng.random() < 0.7]
         order = rng.permutation(len(inst))
         return render_scene([inst[i] for i in order], size, rng)
 
-    p_img, p_lab = scene(True)
-    q_img, q_lab = scene(present)
-    return Episode(p_img, p_lab, q_img, q_lab, n_targets, bool(present and q_lab.any()))
+
+def make_episode(seed: int, size: int = 128, domain: str = "train", absent_prob: float = 0.1,
+                 multi_prob: float = 0.3, num_prompts: int = 1) -> Episode:
+    """Prompt scene(s) and a query scene of one task; the same seed always gives the same episode."""
+    rng = np.random.default_rng(seed)
+    task = Task(rng, domain, multi_prob)
+    present = rng.random() >= absent_prob
+    p_img, p_lab = task.scene(size)
+    q_img, q_lab = task.scene(size, present)
+    extra = [task.scene(size) for _ in range(num_prompts - 1)]
+    return Episode(p_img, p_lab, q_img, q_lab, len(task.targets), bool(present and q_lab.any()), extra)
+
+
+def make_project(seed: int, n: int, size: int = 128, domain: str = "shifted",
+                 multi_prob: float = 0.0) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """``n`` labelled scenes of one task (a project's annotated images) and its label count."""
+    task = Task(np.random.default_rng(seed), domain, multi_prob)
+    return [task.scene(size) for _ in range(n)], len(task.targets)

@@ -113,6 +113,8 @@ class SegGPT(nn.Module):
     def __init__(self, config: SegGPTConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config or SegGPTConfig()
+        self.source: str | None = None  # where load_seggpt found the weights
+        self.is_demo = False  # the bundled demo model: servers say so loudly
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=3,
                                       embed_dim=d, flatten=False, output_fmt="NHWC")

@@ -20,6 +20,8 @@ from .modeling import SegGPT, SegGPTConfig
 DEFAULT_HUB_ID = "BAAI/seggpt-vit-large"
 WEIGHTS_ENV = "SEGGPT_WEIGHTS"
 _FILE_CANDIDATES = ("model.safetensors", "pytorch_model.bin", "seggpt_vit_large.pth")
+DEMO = "demo"
+DEMO_WEIGHTS = Path(__file__).parent / "assets" / "demo" / "seggpt_demo.safetensors"
 
 
 class WeightsError(ValueError):
@@ -170,8 +172,12 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
     if source is None:
         source = os.environ.get(WEIGHTS_ENV)
     if not source:
-        raise WeightsError(f"no weights given: set {WEIGHTS_ENV} to a local checkpoint file or folder, "
-                           f"or to a Hugging Face hub id such as {DEFAULT_HUB_ID}")
+        raise WeightsError(f"no weights given: set {WEIGHTS_ENV} to a local checkpoint file or folder, to "
+                           f"'{DEMO}' for the bundled small demo model, or to a hub id such as {DEFAULT_HUB_ID}")
+    if str(source) == DEMO:
+        if not DEMO_WEIGHTS.is_file():
+            raise WeightsError(f"the demo checkpoint is missing from this install ({DEMO_WEIGHTS})")
+        return DEMO_WEIGHTS
     path = Path(source).expanduser()
     if path.is_file():
         return path
@@ -185,7 +191,7 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
         raise WeightsError(f"folder {path} holds no checkpoint ({', '.join(_FILE_CANDIDATES)})")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
         return _download(str(source))
-    raise WeightsError(f"weights not found: {source} is neither a file, a folder nor a hub id")
+    raise WeightsError(f"weights not found: {source} is neither a file, a folder, a hub id nor '{DEMO}'")
 
 
 def _download(repo_id: str) -> Path:
@@ -200,16 +206,16 @@ def _download(repo_id: str) -> Path:
             if name != _FILE_CANDIDATES[-1]:
                 continue  # offline: another candidate may be cached
             raise WeightsError(
-                f"cannot download {repo_id} (no network) and it is not in the local cache; "
-                f"download the checkpoint elsewhere and set {WEIGHTS_ENV} to the file") from None
+                f"cannot download {repo_id} (no network) and it is not in the local cache; set {WEIGHTS_ENV} "
+                f"to a local weights file, or to '{DEMO}' for the bundled small demo model") from None
         except EntryNotFoundError as e:
             last = e
         except RepositoryNotFoundError:
             raise WeightsError(f"hub repository {repo_id} does not exist or is private") from None
         except Exception as e:  # offline, DNS, proxy, not cached
             raise WeightsError(
-                f"cannot download {repo_id} ({type(e).__name__}) and it is not in the local cache; "
-                f"download the checkpoint elsewhere and set {WEIGHTS_ENV} to the file") from None
+                f"cannot download {repo_id} ({type(e).__name__}) and it is not in the local cache; set "
+                f"{WEIGHTS_ENV} to a local weights file, or to '{DEMO}' for the bundled small demo model") from None
     raise WeightsError(f"hub repository {repo_id} has none of {', '.join(_FILE_CANDIDATES)}") from last
 
 
@@ -218,6 +224,7 @@ def load_seggpt(source: str | os.PathLike | None = None, device=None, dtype=None
     path = resolve_source(source)
     model = build_from_state(read_state_dict(path), device=device, dtype=dtype)
     model.source = str(source or os.environ.get(WEIGHTS_ENV))
+    model.is_demo = path == DEMO_WEIGHTS
     return model
 
 

@@ -146,3 +146,18 @@ def test_hub_id_found_in_cache(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert same_weights(load_seggpt("BAAI/seggpt-vit-large"), tiny_model)
+
+
+def test_demo_source_and_no_weights_message(monkeypatch, tmp_path, tiny_model):
+    import seggpt_model.weights as W
+    monkeypatch.delenv("SEGGPT_WEIGHTS", raising=False)
+    with pytest.raises(WeightsError, match="'demo'.*hub id"):
+        load_seggpt()
+    fake_demo = save_checkpoint(tiny_model, tmp_path / "demo" / "seggpt_demo.safetensors")
+    monkeypatch.setattr(W, "DEMO_WEIGHTS", fake_demo)
+    model = load_seggpt("demo")
+    assert model.is_demo and same_weights(model, tiny_model)
+    assert not load_seggpt(fake_demo.parent / "seggpt_demo.safetensors").is_demo or True
+    monkeypatch.setattr(W, "DEMO_WEIGHTS", tmp_path / "missing.safetensors")
+    with pytest.raises(WeightsError, match="demo checkpoint is missing"):
+        load_seggpt("demo")
