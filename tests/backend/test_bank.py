@@ -121,7 +121,8 @@ def test_backfill_takes_each_tasks_latest_usable_annotation(bank: PromptBank, im
     tasks = [
         {"id": 1, "data": {"image": url}, "annotations": [new, old]},
         {"id": 2, "data": {"image": url}, "annotations": [skipped]},
-        {"id": 3, "data": {"image": image_server.url("gone.png")}, "annotations": [annotation(4, 3, label_map, control)]},
+        {"id": 3, "data": {"image": image_server.url("gone.png")},
+         "annotations": [annotation(4, 3, label_map, control)]},
     ]
     with caplog.at_level(logging.WARNING):
         assert bank.backfill_once("1", [control], lambda: tasks) is True

@@ -30,6 +30,16 @@ def test_connect_embedded_keeps_data_under_model_dir(tmp_path: Path) -> None:
         client._cleanup()
 
 
+def test_embedded_redis_writes_each_change_to_disk_at_once(tmp_path: Path) -> None:
+    """Acknowledged bank changes are in the append-only file before the call returns."""
+    client = connect(Settings(model_dir=tmp_path))
+    try:
+        PromptStore(client).put_entry("1", entry(1))
+        assert b"jpeg-1-100.0" in (tmp_path / "prompt-state.aof").read_bytes()
+    finally:
+        client._cleanup()
+
+
 def test_put_entry_round_trips_bytes_and_bumps_version(store: PromptStore) -> None:
     assert store.version("7") == 0
     stored = entry(3, controls=("tag", "poly"))

@@ -1,0 +1,4 @@
+"""``python -m backend`` is the ``seggpt-backend`` command."""
+from backend.cli import main
+
+main()

@@ -1,0 +1,190 @@
+"""The HTTP service Label Studio 1.23 talks to: /health, /setup, /predict, /webhook, /versions.
+
+Label Studio calls /health (1 s timeout) and /setup (3 s) before every prediction batch,
+so predictions run in worker threads behind their own limiter and never queue those two
+behind them; the event loop itself only parses and routes. Annotation webhooks are
+answered at once and applied afterwards, because Label Studio sends them inside the
+annotator's save request.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from functools import partial
+from typing import Any, Callable
+
+import anyio
+import redis
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from backend.ls_client import LabelStudioClient
+from backend.model import PROMPT_EVENTS, LabelConfigError, SegGPTBackend, project_key
+from backend.settings import Settings
+from backend.store import PromptStore, connect
+from seggpt_model import WeightsError
+
+log = logging.getLogger(__name__)
+
+PREDICT_THREADS = 4  # concurrent /predict calls in threads; the model itself runs one at a time
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _ProjectBody(_Body):
+    """Bodies naming a project as Label Studio does ("3.1718000000"); kept as the bare id."""
+
+    project: str | int
+
+    @field_validator("project")
+    @classmethod
+    def _project_id(cls, value: str | int) -> str:
+        return project_key(value)
+
+
+class SetupRequest(_ProjectBody):
+    schema_: str = Field(alias="schema")
+    extra_params: Any = None
+
+
+class Task(_Body):
+    id: int
+    data: dict[str, Any]
+
+
+class PredictParams(_Body):
+    context: dict[str, Any] | None = None
+
+
+class PredictRequest(_ProjectBody):
+    tasks: list[Task] = Field(min_length=1)
+    label_config: str
+    params: PredictParams | None = None
+
+
+class WebhookRequest(_Body):
+    action: str
+    project: dict[str, Any] | int | str | None = None
+
+
+def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> FastAPI:
+    """Build the service; without ``backend`` one is made from ``settings`` (Redis, LS client)."""
+    if backend is None:
+        client = (LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+                  if settings.label_studio_url and settings.label_studio_api_key else None)
+        backend = SegGPTBackend(settings, PromptStore(connect(settings)), client=client)
+    auth = [Depends(_basic_auth(settings))] if settings.basic_auth_user else []
+    app = FastAPI(title="SegGPT ML backend for Label Studio", dependencies=auth,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    predict_limiter = anyio.CapacityLimiter(PREDICT_THREADS)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "UP", "model_class": backend.model_class, "model_loaded": backend.model_loaded,
+                "redis": "ok" if backend.store.ping() else "error"}
+
+    @app.post("/setup")
+    async def setup(body: SetupRequest) -> dict:
+        version = await _call(backend.setup, body.project, body.schema_, body.extra_params)
+        return {"model_version": version}
+
+    @app.post("/predict")
+    async def predict(body: PredictRequest) -> dict:
+        context = body.params.context if body.params else None
+        tasks = [task.model_dump() for task in body.tasks]
+        results = await _call(partial(backend.predict, tasks, context, project=body.project,
+                                      label_config=body.label_config), limiter=predict_limiter)
+        return {"results": results, "model_version": results[0]["model_version"]}
+
+    @app.post("/webhook")
+    async def webhook(body: WebhookRequest, background: BackgroundTasks) -> JSONResponse:
+        data = body.model_dump(exclude={"action"})
+        if body.action in PROMPT_EVENTS or body.action == "START_TRAINING":
+            project = body.project.get("id") if isinstance(body.project, dict) else body.project
+            try:
+                project_key(project)
+            except ValueError as exc:
+                raise HTTPException(422, f"{body.action}: {exc}") from None
+        if body.action in PROMPT_EVENTS:
+            background.add_task(_apply_event, backend, body.action, data)
+            return JSONResponse({"status": "accepted", "action": body.action})
+        result = await _call(backend.fit, body.action, data)
+        return JSONResponse(result, status_code=201 if body.action == "START_TRAINING" else 200)
+
+    @app.get("/versions")
+    async def versions(project: str | None = None) -> dict:
+        try:
+            keys = [project_key(project)] if project else None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        found = await _call(lambda: [backend.model_version(k) for k in keys or backend.store.projects()])
+        return {"versions": found}
+
+    return app
+
+
+async def _call(fn: Callable[..., Any], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> Any:
+    """Run ``fn`` in a worker thread and turn its failures into short HTTP errors.
+
+    Unexpected exceptions become a generic 500; their traceback goes to the log only at
+    debug level, since messages can carry URLs or other request details.
+    """
+    try:
+        return await anyio.to_thread.run_sync(partial(fn, *args), limiter=limiter)
+    except LabelConfigError as exc:
+        raise HTTPException(422, f"label config cannot be served: {exc}") from None
+    except WeightsError as exc:
+        log.error("SegGPT weights cannot be loaded: %s", exc)
+        raise HTTPException(503, "the SegGPT weights cannot be loaded; see the server log") from None
+    except redis.RedisError as exc:
+        log.error("prompt store unavailable: %s", type(exc).__name__)
+        raise HTTPException(503, "the prompt store (Redis) is unavailable") from None
+    except Exception as exc:
+        log.error("request failed: %s in %s", type(exc).__name__, getattr(fn, "__name__", "handler"))
+        log.debug("traceback", exc_info=True)
+        raise HTTPException(500, "internal error; see the server log") from None
+
+
+def _apply_event(backend: SegGPTBackend, action: str, data: dict) -> None:
+    """Apply an annotation webhook after it was answered; failures are only logged."""
+    try:
+        result = backend.fit(action, data)
+        log.info("%s applied: %s", action, result.get("status"))
+    except ValueError as exc:  # MediaError included: bad payload, unreadable image
+        log.warning("%s not applied: %s", action, exc)
+    except Exception as exc:
+        log.error("%s failed: %s", action, type(exc).__name__)
+        log.debug("traceback", exc_info=True)
+
+
+def _basic_auth(settings: Settings) -> Callable[..., Any]:
+    user = (settings.basic_auth_user or "").encode()
+    password = (settings.basic_auth_pass or "").encode()
+    scheme = HTTPBasic(auto_error=False)
+
+    async def check(credentials: HTTPBasicCredentials | None = Depends(scheme)) -> None:
+        given = credentials or HTTPBasicCredentials(username="", password="")
+        user_ok = secrets.compare_digest(given.username.encode(), user)
+        pass_ok = secrets.compare_digest(given.password.encode(), password)
+        if not (credentials and user_ok and pass_ok):
+            raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """One short line per problem instead of pydantic's nested structures; 400 for broken JSON."""
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"detail": "request body is not valid JSON"}, status_code=400)
+    problems = []
+    for error in errors[:10]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)

@@ -1,0 +1,33 @@
+"""``seggpt-backend serve``: run the ML backend that Label Studio connects to."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from backend.app import create_app
+from backend.settings import Settings
+from seggpt_model import WeightsError
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``seggpt-backend`` console script and ``python -m backend``."""
+    parser = argparse.ArgumentParser(prog="seggpt-backend",
+                                     description="SegGPT ML backend for Label Studio (settings from env vars)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve /health, /setup, /predict, /webhook and /versions")
+    serve.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=9090, help="port to listen on (default: 9090)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        parser.exit(2, f"seggpt-backend: bad configuration: {exc}\n")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except WeightsError as exc:
+        parser.exit(2, f"seggpt-backend: {exc}\n")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower(), log_config=None)

@@ -1,0 +1,225 @@
+"""SegGPTBackend: Label Studio's predict/fit contract over the prompt bank and SegGPT.
+
+Shaped like label-studio-ml's ``LabelStudioMLBase`` (``setup``, ``predict(tasks, context)``,
+``fit(event, data)``), but one long-lived object serves every project: per-project state
+lives in Redis, and the model is loaded once per process, on the first prediction that
+needs it, so ``/setup`` and ``/health`` stay instant.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from functools import lru_cache
+from typing import Any
+
+from backend.bank import PromptBank, Prompt
+from backend.label_config import ControlSpec, parse_label_config
+from backend.ls_client import LabelStudioClient
+from backend.media import MediaError, MediaFetcher
+from backend.results import label_map_to_results, prediction_score
+from backend.settings import Settings
+from backend.store import PromptStore, model_version as version_string
+from seggpt_model import SegGPTPredictor, load_seggpt
+from seggpt_model.weights import resolve_source
+
+log = logging.getLogger(__name__)
+
+NO_PROMPTS = ("no annotated examples yet: annotate a few tasks (brush, polygon or rectangle regions); "
+              "they become SegGPT's prompts and the remaining tasks are pre-labelled from them")
+BACKFILLING = "no prompts yet: the project's existing annotations are being read from Label Studio; retry shortly"
+TUNING_NOT_IMPLEMENTED = ("prompt tuning is not implemented yet: the training request was recorded, "
+                          "nothing will be trained, and predictions keep using the annotated examples")
+PROMPT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
+                           "ANNOTATIONS_DELETED", "TASKS_DELETED"})  # webhooks that change the bank
+SAMPLE_BYTES = 1 << 20  # head and tail of a checkpoint that identify it
+
+
+class LabelConfigError(ValueError):
+    """The project's label config has nothing this backend can serve."""
+
+
+def project_key(project: str | int) -> str:
+    """The project id: Label Studio sends ``"<id>.<created timestamp>"`` to /setup and
+    /predict but the bare id in webhooks, and both must reach the same prompt bank."""
+    key = str(project).split(".", 1)[0]
+    if not key.isdigit():
+        raise ValueError(f"project must be a Label Studio project id like '3' or '3.1718000000', got {project!r}")
+    return key
+
+
+@lru_cache(maxsize=64)
+def controls_of(label_config: str) -> tuple[ControlSpec, ...]:
+    """Parsed once per distinct config: every request carries the config."""
+    try:
+        return tuple(parse_label_config(label_config))
+    except ValueError as exc:
+        raise LabelConfigError(str(exc)) from None
+
+
+def weights_fingerprint(source: str | None) -> str:
+    """Identify the configured checkpoint without loading it (size, head and tail bytes).
+
+    ``/setup`` must answer before the model is loaded, yet report the same model_version
+    as ``/predict`` afterwards and as every other replica holding the same file.
+    """
+    path = resolve_source(source)
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(SAMPLE_BYTES))
+        fh.seek(max(0, path.stat().st_size - SAMPLE_BYTES))
+        digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:12]
+
+
+class SegGPTBackend:
+    """Pre-labels tasks with SegGPT, prompted by each project's most recent annotations."""
+
+    model_class = "SegGPTBackend"
+
+    def __init__(self, settings: Settings, store: PromptStore, media: MediaFetcher | None = None,
+                 client: LabelStudioClient | None = None, predictor: SegGPTPredictor | None = None) -> None:
+        """``predictor`` injects a ready model (tests); otherwise SEGGPT_WEIGHTS is loaded lazily."""
+        self.settings = settings
+        self.store = store
+        self.bank = PromptBank(store, media or MediaFetcher(settings, client))
+        self.client = client
+        self._predictor = predictor
+        self.fingerprint = predictor.fingerprint if predictor else weights_fingerprint(settings.seggpt_weights)
+        self._model_lock = threading.Lock()
+        self._backfilling: set[str] = set()
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._predictor is not None
+
+    def model_version(self, project: str | int) -> str:
+        return version_string(self.fingerprint, self.store.version(project_key(project)))
+
+    # -- Label Studio contract -----------------------------------------------------------
+    def setup(self, project: str | int, schema: str, extra_params: Any = None) -> str:
+        """Validate the config and return the project's model_version; never loads weights.
+
+        ``extra_params`` is accepted for Label Studio's sake; nothing reads it yet.
+        """
+        key = project_key(project)
+        controls = controls_of(schema)
+        self.store.register_project(key)
+        self._start_backfill(key, controls)
+        return self.model_version(key)
+
+    def predict(self, tasks: list[dict], context: dict | None = None, *, project: str | int,
+                label_config: str, **kwargs: Any) -> list[dict]:
+        """Exactly one prediction per task, in order.
+
+        A task that cannot be predicted (unreadable image, no prompts yet) gets an empty
+        ``result`` and a ``reason``; Label Studio ignores the extra key, API users see it.
+        Interactive calls (``context`` set) get the same prediction: SegGPT is prompted by
+        examples, not by clicks, so drawn context regions are not used.
+        """
+        key = project_key(project)
+        controls = controls_of(label_config)
+        self._start_backfill(key, controls)
+        version, prompts = self.bank.prompts(key, list(controls), self.settings.num_prompts)
+        current = version_string(self.fingerprint, version)
+        if not any(prompts.values()):
+            reason = BACKFILLING if key in self._backfilling else NO_PROMPTS
+            return [_empty(current, reason) for _ in tasks]
+        predictor = self._load()
+        return [self._predict_task(task, controls, prompts, predictor, current) for task in tasks]
+
+    def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
+        """Apply a webhook event to the prompt bank; returns what happened, for the response.
+
+        Raises ValueError when a handled event does not name its project.
+        """
+        if event not in PROMPT_EVENTS and event != "START_TRAINING":
+            return {"status": "ignored", "reason": f"{event} does not change the prompts"}
+        project = data.get("project")
+        key = project_key(project.get("id") if isinstance(project, dict) else project)
+        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
+            config = project.get("label_config") if isinstance(project, dict) else None
+            if not config:
+                return {"status": "ignored", "reason": "the webhook payload carries no project label_config"}
+            return self._add_annotations(key, data, list(controls_of(config)))
+        if event == "ANNOTATIONS_DELETED":
+            ids = [a["id"] for a in data.get("annotations") or []]
+            return self._changed(key, self.bank.remove_annotations(key, ids))
+        if event == "TASKS_DELETED":
+            return self._changed(key, self.bank.remove_tasks(key, [t["id"] for t in data.get("tasks") or []]))
+        # START_TRAINING
+        job = self.store.record_job(key, "tune", status="not_implemented", message=TUNING_NOT_IMPLEMENTED)
+        return {"status": "recorded", "job": job["id"], "message": TUNING_NOT_IMPLEMENTED,
+                "model_version": self.model_version(key)}
+
+    # -- internals -----------------------------------------------------------------------
+    def _add_annotations(self, key: str, data: dict, controls: list[ControlSpec]) -> dict:
+        annotations, tasks = data.get("annotation"), data.get("task")
+        if isinstance(annotations, dict):  # single-annotation events
+            annotations, tasks = [annotations], [tasks]
+        by_id = {t.get("id"): t for t in tasks or [] if isinstance(t, dict)}
+        version = None
+        for annotation in annotations or []:
+            task = by_id.get(annotation.get("task"))
+            if task is None:
+                log.warning("annotation %s of project %s arrived without its task", annotation.get("id"), key)
+                continue
+            version = self.bank.add_annotation(key, task, annotation, controls) or version
+        return self._changed(key, version)
+
+    def _changed(self, key: str, version: int | None) -> dict:
+        return {"status": "updated" if version is not None else "unchanged",
+                "model_version": self.model_version(key)}
+
+    def _predict_task(self, task: dict, controls: tuple[ControlSpec, ...], prompts: dict[str, list[Prompt]],
+                      predictor: SegGPTPredictor, current: str) -> dict:
+        images = {}
+        results: list[dict] = []
+        for control in controls:
+            if not prompts.get(control.name):
+                continue
+            try:
+                if control.value_key not in images:
+                    url = (task.get("data") or {}).get(control.value_key)
+                    if not isinstance(url, str) or not url:
+                        raise MediaError(f"task data has no image URL under {control.value_key!r}")
+                    images[control.value_key] = self.bank.media.load_image(url, task_id=task.get("id"))
+            except MediaError as exc:
+                log.warning("task %s not predicted: %s", task.get("id"), exc)
+                return _empty(current, f"the task image could not be read: {exc}")
+            with self._model_lock:
+                out = predictor.predict(images[control.value_key], prompts[control.name],
+                                        num_labels=len(control.labels), seg_type="instance")
+            results += label_map_to_results(out.label_map, out.scores, control,
+                                            min_area=self.settings.min_region_area,
+                                            polygon_max_points=self.settings.polygon_max_points)
+        return {"result": results, "score": prediction_score(results), "model_version": current}
+
+    def _load(self) -> SegGPTPredictor:
+        with self._model_lock:
+            if self._predictor is None:
+                log.info("loading SegGPT weights (device %s)", self.settings.device)
+                model = load_seggpt(self.settings.seggpt_weights)
+                self._predictor = SegGPTPredictor(model, device=self.settings.device)
+            return self._predictor
+
+    def _start_backfill(self, key: str, controls: tuple[ControlSpec, ...]) -> None:
+        """Fill a new project's bank from the Label Studio API, in the background."""
+        if self.client is None or key in self._backfilling or self.store.is_backfilled(key):
+            return
+        self._backfilling.add(key)
+
+        def run() -> None:
+            try:
+                self.bank.backfill_once(key, list(controls), lambda: self.client.iter_tasks(int(key)))
+            except Exception as exc:  # logged without details: messages may carry URLs
+                log.warning("backfill of project %s failed (%s); retried later", key, type(exc).__name__)
+                log.debug("backfill failure", exc_info=True)
+            finally:
+                self._backfilling.discard(key)
+
+        threading.Thread(target=run, name=f"backfill-{key}", daemon=True).start()
+
+
+def _empty(current: str, reason: str) -> dict:
+    return {"result": [], "score": 0.0, "model_version": current, "reason": reason}
