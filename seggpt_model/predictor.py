@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import processing as P
+from .fast import FastPainter
 from .modeling import SegGPT
 from .tuning import TunedPrompt
 from .weights import model_fingerprint
@@ -31,16 +32,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 class SegGPTPredictor:
     """Segment queries in context of K >= 1 (image, label map) prompts.
 
-    K > 1 uses SegGPT's feature ensemble; several queries share one forward pass.
+    K > 1 uses SegGPT's feature ensemble; several queries share one forward pass.  ``fast``
+    (default) paints with ``FastPainter``; ``fast=False`` runs the reference forward.
     """
 
     def __init__(self, model: SegGPT, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, batch_size: int = 8) -> None:
+                 dtype: torch.dtype = torch.float32, batch_size: int = 8, fast: bool = True) -> None:
         self.device = resolve_device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.batch_size = batch_size
         self.fingerprint = model_fingerprint(self.model)
+        self._fast = FastPainter(self.model) if fast else None
 
     @property
     def image_size(self) -> int:
@@ -106,11 +109,13 @@ class SegGPTPredictor:
     def paint(self, queries: torch.Tensor, p_img: torch.Tensor, p_mask: torch.Tensor,
               seg_type: str = "instance") -> torch.Tensor:
         """(Q, 3, S, S) normalised queries -> (Q, 3, S, S) painted query halves (normalised)."""
+        dev = dict(device=self.device, dtype=self.dtype)
+        st = int(seg_type == "instance")
+        if self._fast is not None:
+            return self._fast(p_img.to(**dev), p_mask.to(**dev), queries.to(**dev), seg_type=st).float()
         nq, k = queries.shape[0], p_img.shape[0]
         imgs = torch.cat([p_img.repeat(nq, 1, 1, 1), queries.repeat_interleave(k, 0)], dim=-2)
         tgts = torch.cat([p_mask, p_mask], dim=-2).repeat(nq, 1, 1, 1)
-        dev = dict(device=self.device, dtype=self.dtype)
-        pred = self.model(imgs.to(**dev), tgts.to(**dev), seg_type=int(seg_type == "instance"),
-                          feature_ensemble=k > 1, prompts_per_query=k)
+        pred = self.model(imgs.to(**dev), tgts.to(**dev), seg_type=st, feature_ensemble=k > 1, prompts_per_query=k)
         s = self.image_size
         return pred[::k, :, s:].float()
