@@ -6,6 +6,7 @@ keeping originals would only cost Redis memory and transfer time).
 """
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import time
@@ -19,6 +20,7 @@ from backend.label_config import ControlSpec
 from backend.media import MediaError, MediaFetcher
 from backend.results import results_to_label_map
 from backend.store import PromptEntry, PromptStore
+from seggpt_model.retrieval import embed_image
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class PromptBank:
         images: dict[str, bytes] = {}
         maps: dict[str, bytes] = {}
         sizes: dict[str, list[int]] = {}
+        embeddings: dict[str, str] = {}
         for key in sorted({c.value_key for c in used}):
             image = self.media.load_image(_task_url(task, key), task_id=task.get("id"))
             width, height = image.size
@@ -58,14 +61,16 @@ class PromptBank:
                 label_map = results_to_label_map(results, control, height, width)
                 if label_map.any():
                     maps[control.name] = _encode_map(_resize_nearest(label_map, size))
-            images[key] = _encode_image(image.resize(size, Image.Resampling.BILINEAR))
+            stored = image.resize(size, Image.Resampling.BILINEAR)
+            images[key] = _encode_image(stored)
             sizes[key] = [width, height]
+            embeddings[key] = encode_embedding(embed_image(stored))  # once per entry, for prompt selection
         if not maps:
             return self.store.remove_annotations(project, [annotation_id], forget=False)
         entry = PromptEntry(task_id=int(task["id"]), annotation_id=annotation_id,
                             updated_at=_timestamp(annotation.get("updated_at")),
                             images={k: images[k] for k in {c.value_key for c in used if c.name in maps}},
-                            label_maps=maps, meta={"original_sizes": sizes})
+                            label_maps=maps, meta={"original_sizes": sizes, "embeddings": embeddings})
         return self.store.put_entry(project, entry)
 
     def remove_annotations(self, project: str, annotation_ids: Iterable[int]) -> int | None:
@@ -120,6 +125,20 @@ class PromptBank:
         self.store.mark_backfilled(project)
         log.info("backfill: project %s, %d prompt entries added", project, changed)
         return True
+
+
+def entry_prompt(entry: PromptEntry, control: ControlSpec) -> Prompt:
+    """The (image, label map) prompt that ``entry`` holds for ``control``."""
+    return _decode_image(entry.images[control.value_key]), _decode_map(entry.label_maps[control.name])
+
+
+def encode_embedding(vector: np.ndarray) -> str:
+    """float32 bytes as base64: entry metadata is JSON."""
+    return base64.b64encode(np.asarray(vector, np.float32).tobytes()).decode()
+
+
+def decode_embedding(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), np.float32)
 
 
 def _task_url(task: dict, key: str) -> str:

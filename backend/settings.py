@@ -42,6 +42,15 @@ class Settings:
     media_timeout: float = 30.0
     media_cache_mb: int = 256
     polygon_max_points: int = 100
+    keep_versions: int = 20  # prompt-state versions kept per project for rollback
+    prompt_selection: str = "similar"  # which K bank entries prompt a query: similar | recent
+    tuned_prompt: str = "ensemble"  # a tuned prompt alone, or ensembled with selected examples
+    tune_steps: int = 100
+    tune_lr: float = 0.1
+    tune_batch: int = 4
+    tune_bf16: str = "auto"  # auto: where the device supports it
+    tune_min_gain: float = 0.01  # held-out mean IoU a tuned prompt must add to be promoted
+    tune_every_n_corrections: int = 0  # 0: tuning only on request
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -83,6 +92,15 @@ class Settings:
             media_timeout=parse("MEDIA_TIMEOUT", _positive_float, 30.0),
             media_cache_mb=parse("MEDIA_CACHE_MB", _int_at_least(0), 256),
             polygon_max_points=parse("POLYGON_MAX_POINTS", _int_at_least(3), 100),
+            keep_versions=parse("KEEP_VERSIONS", _int_at_least(1), 20),
+            prompt_selection=parse("PROMPT_SELECTION", _choice("similar", "recent"), "similar"),
+            tuned_prompt=parse("TUNED_PROMPT", _choice("ensemble", "alone"), "ensemble"),
+            tune_steps=parse("TUNE_STEPS", _int_at_least(1), 100),
+            tune_lr=parse("TUNE_LR", _positive_float, 0.1),
+            tune_batch=parse("TUNE_BATCH", _int_at_least(1), 4),
+            tune_bf16=parse("TUNE_BF16", _choice("auto", "true", "false"), "auto"),
+            tune_min_gain=parse("TUNE_MIN_GAIN", _gain, 0.01),
+            tune_every_n_corrections=parse("TUNE_EVERY_N_CORRECTIONS", _int_at_least(0), 0),
         )
 
 
@@ -143,6 +161,27 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return convert
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def convert(raw: str) -> str:
+        value = raw.lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return convert
+
+
+def _gain(raw: str) -> float:
+    """An IoU difference: finite, within [-1, 1]."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise ValueError(f"must be an IoU difference within [-1, 1], got {raw!r}")
+    return value
 
 
 def _positive_float(raw: str) -> float:

@@ -1,19 +1,33 @@
-"""Redis-backed prompt state shared by every replica of the backend.
+"""Redis-backed prompt state shared by every replica of the backend, with history.
 
-Per project the store keeps the prompt bank (one entry per annotated task: image bytes,
-one PNG label map per control, JSON metadata), a prompt-state version and the training
-job records. Every change of a bank increments its version inside the same MULTI/EXEC
-transaction, guarded by WATCH where the change depends on what is stored, so two
-replicas writing the same project never lose an update and always agree on
-``model_version``. Values are bytes and JSON only; nothing is pickled.
+A project's prompt state is its prompt bank (one entry per annotated task: image bytes,
+one PNG label map per control, JSON metadata), an optional tuned prompt (safetensors
+bytes) and its prediction settings. Every change writes a new, immutable version:
+
+- ``<ns>:p:<id>:version``: the current version number N (0: nothing stored yet);
+- ``<ns>:p:<id>:manifest:<v>``: version v as JSON: entry metadata with blob references,
+  the tuned prompt's reference and metadata, the settings, when and why it was made;
+- ``<ns>:p:<id>:versions``: the kept version numbers (the last ``keep_versions``);
+- ``<ns>:p:<id>:blob:<sha256>``: image, label-map and tuned-prompt bytes, content-addressed;
+- ``<ns>:p:<id>:blobrefs``: how many kept manifests refer to each blob.
+
+A change reads the current manifest under WATCH of the version key and, in one MULTI/EXEC,
+writes the next manifest, its new blobs, the reference counts, the trimmed history and
+the new version, deleting the manifests that fall out of the history and the blobs no
+kept version refers to any more. Two replicas writing the same project therefore never
+lose an update (the loser of a race re-plans on the winner's state) and always agree on
+``model_version``; a rollback is a new version equal to an old one, never a rewrite.
+Values are bytes and JSON only; nothing is pickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -23,6 +37,9 @@ from redis.retry import Retry
 from backend.settings import Settings
 
 BACKFILL_RETRY_S = 300  # a failed backfill is retried after this many seconds
+KEEP_VERSIONS = 20  # default length of a project's history
+# Per-project prediction settings a version may carry, with their smallest allowed value.
+PREDICTION_SETTINGS = {"num_prompts": 1, "min_region_area": 0, "polygon_max_points": 3}
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -55,10 +72,59 @@ class PromptEntry:
     label_maps: dict[str, bytes]  # control name -> PNG label map
     meta: dict = field(default_factory=dict)  # anything else worth keeping (JSON-able)
 
-    def metadata(self) -> dict:
-        return {**self.meta, "task_id": self.task_id, "annotation_id": self.annotation_id,
-                "updated_at": self.updated_at, "images": sorted(self.images),
-                "controls": sorted(self.label_maps)}
+    def record(self) -> dict:
+        """The entry as a manifest keeps it: metadata, and blob references for the bytes."""
+        return {"task_id": self.task_id, "annotation_id": self.annotation_id, "updated_at": self.updated_at,
+                "images": {k: blob_id(v) for k, v in self.images.items()},
+                "label_maps": {c: blob_id(v) for c, v in self.label_maps.items()}, "meta": self.meta}
+
+    def blobs(self) -> dict[str, bytes]:
+        return {blob_id(v): v for v in (*self.images.values(), *self.label_maps.values())}
+
+
+@dataclass(frozen=True)
+class PromptState:
+    """One version of a project's prompt state, with its bytes by reference (see module doc)."""
+
+    version: int = 0
+    entries: Mapping[int, dict] = field(default_factory=dict)  # task id -> PromptEntry.record()
+    tuned: dict | None = None  # {"blob": sha256, "meta": {...}}
+    settings: Mapping[str, int] = field(default_factory=dict)
+    created_at: float = 0.0
+    change: str = ""
+
+    def refs(self) -> set[str]:
+        """Every blob this version needs."""
+        refs = {r for e in self.entries.values() for part in ("images", "label_maps") for r in e[part].values()}
+        return refs | ({self.tuned["blob"]} if self.tuned else set())
+
+    def same_content(self, other: "PromptState") -> bool:
+        return (dict(self.entries), self.tuned, dict(self.settings)) == (
+            dict(other.entries), other.tuned, dict(other.settings))
+
+    def summary(self) -> dict:
+        return {"version": self.version, "created_at": self.created_at, "change": self.change,
+                "entries": len(self.entries), "tuned": self.tuned is not None, "settings": dict(self.settings)}
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "created_at": self.created_at, "change": self.change,
+                           "entries": [self.entries[t] for t in sorted(self.entries)], "tuned": self.tuned,
+                           "settings": dict(self.settings)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "PromptState":
+        data = json.loads(raw)
+        return cls(version=data["version"], entries={int(e["task_id"]): e for e in data["entries"]},
+                   tuned=data["tuned"], settings=data["settings"], created_at=data["created_at"],
+                   change=data["change"])
+
+
+class UnknownVersion(LookupError):
+    """A rollback named a version that is not (or no longer) in the project's history."""
+
+
+def blob_id(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def model_version(fingerprint: str, version: int) -> str:
@@ -66,19 +132,40 @@ def model_version(fingerprint: str, version: int) -> str:
     return f"seggpt-{fingerprint[:8]}-v{version}"
 
 
+def validate_settings(values: Mapping[str, object]) -> dict[str, int]:
+    """Per-project prediction settings, checked; raises ValueError naming the bad one."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"settings must be a JSON object, got {type(values).__name__}")
+    out = {}
+    for name, value in values.items():
+        if name not in PREDICTION_SETTINGS:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(PREDICTION_SETTINGS))}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < PREDICTION_SETTINGS[name]:
+            raise ValueError(f"setting {name} must be an integer >= {PREDICTION_SETTINGS[name]}, got {value!r}")
+        out[name] = value
+    return out
+
+
 class PromptStore:
     """Typed access to the Redis keys of all projects (see the module docstring)."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "seggpt") -> None:
+    def __init__(self, client: redis.Redis, namespace: str = "seggpt", keep_versions: int = KEEP_VERSIONS) -> None:
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
         self.redis = client
         self.ns = namespace
+        self.keep_versions = keep_versions
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PromptStore":
+        return cls(connect(settings), keep_versions=settings.keep_versions)
 
     # -- keys ------------------------------------------------------------------------
     def _key(self, project: str, *parts: object) -> str:
         return ":".join([self.ns, "p", str(project), *map(str, parts)])
 
-    def _entry_key(self, project: str, task_id: int) -> str:
-        return self._key(project, "entry", task_id)
+    def _blob_key(self, project: str, sha: str) -> str:
+        return self._key(project, "blob", sha)
 
     # -- versions --------------------------------------------------------------------
     def ping(self) -> bool:
@@ -96,6 +183,41 @@ class PromptStore:
     def register_project(self, project: str) -> None:
         self.redis.sadd(f"{self.ns}:projects", project)
 
+    def state(self, project: str) -> PromptState:
+        """The current version's state, read consistently (a manifest is never changed)."""
+        version = self.version(project)
+        while True:
+            state = self._load_state(self.redis, project, version)
+            if state is not None:
+                return state
+            again = self.version(project)
+            if again == version:  # a version without manifest (written before history existed)
+                return PromptState(version=version)
+            version = again  # it left the history since the version was read
+
+    def history(self, project: str) -> list[dict]:
+        """The kept versions, newest first: number, time, what changed, entry count, settings."""
+        kept = [int(v) for v in self.redis.zrevrange(self._key(project, "versions"), 0, -1)]
+        raws = self.redis.mget([self._key(project, "manifest", v) for v in kept]) if kept else []
+        return [PromptState.from_json(raw).summary() for raw in raws if raw]
+
+    def rollback(self, project: str, version: int) -> int | None:
+        """Make a new version whose state equals kept ``version``; None if it already does.
+
+        Raises UnknownVersion when ``version`` is not in the history.
+        """
+        def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
+            target = self._load_state(pipe, project, version) if version >= 1 else None
+            if target is None or not pipe.zscore(self._key(project, "versions"), version):
+                kept = [int(v) for v in pipe.zrange(self._key(project, "versions"), 0, -1)]
+                span = f"kept: {kept[0]}..{kept[-1]}" if kept else "none kept"
+                raise UnknownVersion(f"version {version} of project {project} is not in its history ({span})")
+            if target.same_content(current):
+                return None
+            return replace(target, change=f"rollback to v{version}"), {}
+
+        return self._commit(project, plan)
+
     # -- bank entries ----------------------------------------------------------------
     def put_entry(self, project: str, entry: PromptEntry) -> int | None:
         """Store ``entry`` as its task's prompt; returns the new version, None if unchanged.
@@ -103,31 +225,20 @@ class PromptStore:
         An entry older than the stored one for the same task (webhooks can arrive out of
         order, a backfill can race a webhook) or from a deleted annotation is ignored.
         """
-        ekey = self._entry_key(project, entry.task_id)
         deleted = self._key(project, "deleted")
 
-        def plan(pipe: Pipeline) -> bool:
+        def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
             if pipe.sismember(deleted, entry.annotation_id):
-                return False
-            old = _load_meta(pipe.hget(ekey, "meta"))
+                return None
+            old = current.entries.get(entry.task_id)
             if old and (old["updated_at"] > entry.updated_at or (
                     old["updated_at"] == entry.updated_at and old["annotation_id"] == entry.annotation_id)):
-                return False
-            pipe.multi()
-            if old:
-                self._queue_removal(pipe, project, old)
-            fields = {"meta": json.dumps(entry.metadata())}
-            fields.update({f"image:{k}": v for k, v in entry.images.items()})
-            fields.update({f"map:{k}": v for k, v in entry.label_maps.items()})
-            pipe.hset(ekey, mapping=fields)
-            for control in entry.label_maps:
-                pipe.zadd(self._key(project, "recent", control), {entry.task_id: entry.updated_at})
-            pipe.zadd(self._key(project, "tasks"), {entry.task_id: entry.updated_at})
-            pipe.hset(self._key(project, "annotations"), entry.annotation_id, entry.task_id)
-            self._queue_bump(pipe, project)
-            return True
+                return None
+            entries = {**current.entries, entry.task_id: entry.record()}
+            return replace(current, entries=entries, change=f"task {entry.task_id}: annotation "
+                                                            f"{entry.annotation_id}"), entry.blobs()
 
-        return self._transact([ekey, deleted], plan)
+        return self._commit(project, plan, watch=[deleted])
 
     def remove_annotations(self, project: str, annotation_ids: Iterable[int], forget: bool = True) -> int | None:
         """Drop the entries made from these annotations; returns the new version or None.
@@ -136,67 +247,118 @@ class PromptStore:
         deleted annotation cannot bring its prompt back; a cancelled (skipped) annotation
         is removed without that, since it may be un-skipped later.
         """
-        ids = [int(i) for i in annotation_ids]
+        ids = {int(i) for i in annotation_ids}
         if not ids:
             return None
-        amap = self._key(project, "annotations")
 
-        def plan(pipe: Pipeline) -> bool:
-            tasks = [int(t) for t in pipe.hmget(amap, ids) if t is not None]
-            metas = self._watch_entries(pipe, project, tasks)
-            pipe.multi()
-            if forget:
-                pipe.sadd(self._key(project, "deleted"), *ids)
-            victims = [m for m in metas if m["annotation_id"] in ids]
-            for meta in victims:
-                self._queue_removal(pipe, project, meta)
-            if victims:
-                self._queue_bump(pipe, project)
-            return bool(victims)
+        def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
+            keep = {t: e for t, e in current.entries.items() if e["annotation_id"] not in ids}
+            if len(keep) == len(current.entries):
+                return None
+            gone = sorted(set(current.entries) - set(keep))
+            return replace(current, entries=keep, change=f"annotations removed: tasks {_ids(gone)}"), {}
 
-        return self._transact([amap], plan)
+        also = (lambda pipe: pipe.sadd(self._key(project, "deleted"), *ids)) if forget else None
+        return self._commit(project, plan, also=also)
 
     def remove_tasks(self, project: str, task_ids: Iterable[int]) -> int | None:
         """Drop the entries of deleted tasks; returns the new version or None."""
-        tasks = [int(t) for t in task_ids]
+        tasks = {int(t) for t in task_ids}
 
-        def plan(pipe: Pipeline) -> bool:
-            metas = self._watch_entries(pipe, project, tasks)
-            pipe.multi()
-            for meta in metas:
-                self._queue_removal(pipe, project, meta)
-            if metas:
-                self._queue_bump(pipe, project)
-            return bool(metas)
+        def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
+            gone = sorted(tasks & set(current.entries))
+            if not gone:
+                return None
+            keep = {t: e for t, e in current.entries.items() if t not in tasks}
+            return replace(current, entries=keep, change=f"tasks deleted: {_ids(gone)}"), {}
 
-        return self._transact([], plan)
+        return self._commit(project, plan)
 
-    def snapshot(self, project: str, controls: Iterable[str], k: int) -> tuple[int, dict[str, list[PromptEntry]]]:
+    def snapshot(self, project: str, controls: Iterable[str], k: int,
+                 state: PromptState | None = None) -> tuple[int, dict[str, list[PromptEntry]]]:
         """The ``k`` most recent entries per control and the version they belong to.
 
-        Read under WATCH on the version key: any concurrent bank change aborts the read,
-        so predictions never mix prompts of two versions under one model_version.
+        All from one manifest (``state`` when given, else the current one), so predictions
+        never mix prompts of two versions under one model_version.
         """
-        vkey = self._key(project, "version")
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(vkey)
-                    picked = {c: [int(t) for t in pipe.zrevrange(self._key(project, "recent", c), 0, k - 1)]
-                              for c in controls}
-                    entries = {t: self._read_entry(pipe, project, t) for t in {t for ts in picked.values() for t in ts}}
-                    pipe.multi()
-                    pipe.get(vkey)
-                    version = int(pipe.execute()[0] or 0)
-                except redis.WatchError:
-                    continue
-                return version, {c: [entries[t] for t in ts if entries[t]] for c, ts in picked.items()}
+        controls = list(controls)
+        state, blobs = self._with_blobs(project, state, lambda s: {
+            r for records in _pick(s, controls, k).values() for rec in records for r in _record_refs(rec)})
+        return state.version, {c: [_entry(rec, blobs) for rec in records]
+                               for c, records in _pick(state, controls, k).items()}
+
+    def entries(self, project: str, state: PromptState | None = None) -> tuple[PromptState, list[PromptEntry]]:
+        """Every entry of ``state`` (default: the current one) with its bytes, by task id."""
+        state, blobs = self._with_blobs(project, state, lambda s: {
+            r for rec in s.entries.values() for r in _record_refs(rec)})
+        return state, [_entry(state.entries[t], blobs) for t in sorted(state.entries)]
 
     def entry_count(self, project: str) -> int:
-        return int(self.redis.zcard(self._key(project, "tasks")))
+        return len(self.state(project).entries)
 
     def entry(self, project: str, task_id: int) -> PromptEntry | None:
-        return self._read_entry(self.redis, project, task_id)
+        task_id = int(task_id)
+        state, blobs = self._with_blobs(project, None, lambda s: _record_refs(s.entries.get(task_id) or {}))
+        return _entry(state.entries[task_id], blobs) if task_id in state.entries else None
+
+    # -- tuned prompt and settings ---------------------------------------------------
+    def set_tuned_prompt(self, project: str, data: bytes | None, meta: Mapping | None = None) -> int | None:
+        """Make ``data`` (TunedPrompt safetensors bytes; None removes it) the project's tuned
+        prompt; returns the new version, None if unchanged. Raises ValueError for bytes that
+        are not a tuned prompt or metadata that is not JSON."""
+        tuned = None
+        if data is not None:
+            from seggpt_model.tuning import TunedPrompt  # torch: only when a prompt is stored
+
+            TunedPrompt.from_bytes(data)
+            tuned = {"blob": blob_id(data), "meta": _json_object(meta or {}, "tuned prompt metadata")}
+
+        def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
+            if current.tuned == tuned:
+                return None
+            change = "tuned prompt removed" if tuned is None else "tuned prompt set"
+            return replace(current, tuned=tuned, change=change), ({tuned["blob"]: data} if tuned else {})
+
+        return self._commit(project, plan)
+
+    def tuned_prompt(self, project: str, state: PromptState | None = None) -> tuple[bytes, dict] | None:
+        """The tuned prompt's bytes and metadata at ``state`` (default: the current version)."""
+        state, blobs = self._with_blobs(project, state, lambda s: {s.tuned["blob"]} if s.tuned else set())
+        return (blobs[state.tuned["blob"]], state.tuned["meta"]) if state.tuned else None
+
+    def settings(self, project: str) -> dict[str, int]:
+        return dict(self.state(project).settings)
+
+    def set_settings(self, project: str, values: Mapping[str, object]) -> int | None:
+        """Replace the project's prediction settings; returns the new version, None if unchanged."""
+        settings = validate_settings(values)
+
+        def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
+            if dict(current.settings) == settings:
+                return None
+            return replace(current, settings=settings, change=f"settings {json.dumps(settings)}"), {}
+
+        return self._commit(project, plan)
+
+    def replace_state(self, project: str, entries: list[PromptEntry], tuned: tuple[bytes, Mapping] | None,
+                      settings: Mapping[str, object], change: str) -> int:
+        """Make exactly this the project's state, as one new version (a prompt pack import)."""
+        settings = validate_settings(settings)
+        blobs = {s: b for e in entries for s, b in e.blobs().items()}
+        tuned_ref = None
+        if tuned is not None:
+            blobs[blob_id(tuned[0])] = tuned[0]
+            tuned_ref = {"blob": blob_id(tuned[0]), "meta": _json_object(tuned[1], "tuned prompt metadata")}
+        records = {e.task_id: e.record() for e in entries}
+        if len(records) != len(entries):
+            raise ValueError("two entries for the same task")
+        for record in records.values():
+            _json_object(record["meta"], f"metadata of task {record['task_id']}")
+
+        def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict]:
+            return PromptState(entries=records, tuned=tuned_ref, settings=settings, change=change), blobs
+
+        return self._commit(project, plan)
 
     # -- backfill bookkeeping ----------------------------------------------------------
     def is_backfilled(self, project: str) -> bool:
@@ -230,55 +392,123 @@ class PromptStore:
         return [j for j in map(self.job, ids) if j]
 
     # -- internals ---------------------------------------------------------------------
-    def _transact(self, watch: list[str], plan: Callable[[Pipeline], bool]) -> int | None:
-        """Run ``plan`` under WATCH until it commits; the bumped version when it bumped.
+    def _commit(self, project: str, plan: Callable[[Pipeline, PromptState], tuple[PromptState, dict] | None],
+                watch: Iterable[str] = (), also: Callable[[Pipeline], object] | None = None) -> int | None:
+        """Write the state ``plan`` makes of the current one as the next version.
 
-        ``plan`` reads in immediate mode, then calls ``pipe.multi()`` and queues its
-        writes; it returns True when the last queued command is the version INCR.
+        ``plan`` reads (immediate mode, under WATCH of the version and ``watch`` keys) and
+        returns the new state and the new blobs it needs, or None for no change; ``also``
+        queues further writes that go into the same transaction either way. Retried until
+        no watched key changed in between. Returns the new version, or None.
         """
+        vkey, vers_key, refs_key = (self._key(project, p) for p in ("version", "versions", "blobrefs"))
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    if watch:
-                        pipe.watch(*watch)
-                    bumped = plan(pipe)
-                    results = pipe.execute()
+                    pipe.watch(vkey, *watch)
+                    version = int(pipe.get(vkey) or 0)
+                    # a version without manifest (written before history existed) counts as empty
+                    current = self._load_state(pipe, project, version) or PromptState(version=version)
+                    planned = plan(pipe, current)
+                    if planned is None:
+                        if also is None:
+                            return None
+                        pipe.multi()
+                        also(pipe)
+                        pipe.execute()
+                        return None
+                    state, blobs = planned
+                    state = replace(state, version=current.version + 1, created_at=time.time())
+                    kept = [int(v) for v in pipe.zrange(vers_key, 0, -1)]
+                    dropped = sorted(kept)[:max(0, len(kept) + 1 - self.keep_versions)]
+                    needed = state.refs()
+                    delta = Counter(needed)
+                    for old in (self._load_state(pipe, project, v) for v in dropped):
+                        delta.subtract(old.refs() if old else ())
+                    touched = sorted(delta)
+                    counts = dict(zip(touched, (int(c or 0) for c in pipe.hmget(refs_key, touched)))) if touched else {}
+                    counts = {s: counts[s] + delta[s] for s in touched}
+                    fresh = {self._blob_key(project, s): b for s, b in blobs.items() if s in needed}
+                    pipe.multi()
+                    if fresh:
+                        pipe.mset(fresh)
+                    pipe.set(self._key(project, "manifest", state.version), state.to_json())
+                    pipe.zadd(vers_key, {str(state.version): state.version})
+                    if dropped:
+                        pipe.zrem(vers_key, *map(str, dropped))
+                        pipe.delete(*(self._key(project, "manifest", v) for v in dropped))
+                    live = {s: c for s, c in counts.items() if c > 0}
+                    dead = [s for s, c in counts.items() if c <= 0]
+                    if live:
+                        pipe.hset(refs_key, mapping=live)
+                    if dead:
+                        pipe.hdel(refs_key, *dead)
+                        pipe.delete(*(self._blob_key(project, s) for s in dead))
+                    if also is not None:
+                        also(pipe)
+                    pipe.sadd(f"{self.ns}:projects", project)
+                    pipe.set(vkey, state.version)
+                    pipe.execute()
+                    return state.version
                 except redis.WatchError:
                     continue
-                return int(results[-1]) if bumped else None
 
-    def _watch_entries(self, pipe: Pipeline, project: str, task_ids: list[int]) -> list[dict]:
-        keys = [self._entry_key(project, t) for t in task_ids]
-        if not keys:
-            return []
-        pipe.watch(*keys)
-        return [m for m in (_load_meta(pipe.hget(k, "meta")) for k in keys) if m]
+    def _load_state(self, conn: redis.Redis | Pipeline, project: str, version: int) -> PromptState | None:
+        """Version ``version`` (an empty state for 0), None when its manifest is gone."""
+        if version == 0:
+            return PromptState()
+        raw = conn.get(self._key(project, "manifest", version))
+        return PromptState.from_json(raw) if raw else None
 
-    def _queue_removal(self, pipe: Pipeline, project: str, meta: dict) -> None:
-        task_id = meta["task_id"]
-        pipe.delete(self._entry_key(project, task_id))
-        for control in meta["controls"]:
-            pipe.zrem(self._key(project, "recent", control), task_id)
-        pipe.zrem(self._key(project, "tasks"), task_id)
-        pipe.hdel(self._key(project, "annotations"), meta["annotation_id"])
+    def _with_blobs(self, project: str, state: PromptState | None,
+                    refs_of: Callable[[PromptState], set[str]]) -> tuple[PromptState, dict[str, bytes]]:
+        """The bytes ``refs_of(state)`` needs (``state`` defaults to the current one).
 
-    def _queue_bump(self, pipe: Pipeline, project: str) -> None:
-        pipe.sadd(f"{self.ns}:projects", project)
-        pipe.incr(self._key(project, "version"))
-
-    def _read_entry(self, conn: redis.Redis | Pipeline, project: str, task_id: int) -> PromptEntry | None:
-        raw = conn.hgetall(self._entry_key(project, task_id))
-        meta = _load_meta(raw.get(b"meta"))
-        if not meta:
-            return None
-        fields = {k.decode(): v for k, v in raw.items()}
-        extra = {k: v for k, v in meta.items()
-                 if k not in ("task_id", "annotation_id", "updated_at", "images", "controls")}
-        return PromptEntry(task_id=meta["task_id"], annotation_id=meta["annotation_id"],
-                           updated_at=meta["updated_at"],
-                           images={k: fields[f"image:{k}"] for k in meta["images"]},
-                           label_maps={c: fields[f"map:{c}"] for c in meta["controls"]}, meta=extra)
+        Should ``state`` leave the history while it is read, its bytes may be gone: then the
+        current state is read instead, and returned with its bytes.
+        """
+        state = state if state is not None else self.state(project)
+        while True:
+            refs = sorted(refs_of(state))
+            found = self.redis.mget([self._blob_key(project, s) for s in refs]) if refs else []
+            if all(b is not None for b in found):
+                return state, dict(zip(refs, found))
+            current = self.state(project)
+            if current.version == state.version:
+                raise RuntimeError(f"version {state.version} of project {project} refers to missing blobs")
+            state = current
 
 
-def _load_meta(raw: bytes | None) -> dict | None:
-    return json.loads(raw) if raw else None
+def _pick(state: PromptState, controls: list[str], k: int) -> dict[str, list[dict]]:
+    """The ``k`` newest entry records per control (ties: the higher task id first)."""
+    picked = {}
+    for control in controls:
+        having = [e for e in state.entries.values() if control in e["label_maps"]]
+        having.sort(key=lambda e: (e["updated_at"], e["task_id"]), reverse=True)
+        picked[control] = having[:k]
+    return picked
+
+
+def _record_refs(record: dict) -> set[str]:
+    return {*record.get("images", {}).values(), *record.get("label_maps", {}).values()}
+
+
+def _entry(record: dict, blobs: Mapping[str, bytes]) -> PromptEntry:
+    return PromptEntry(task_id=record["task_id"], annotation_id=record["annotation_id"],
+                       updated_at=record["updated_at"], images={k: blobs[s] for k, s in record["images"].items()},
+                       label_maps={c: blobs[s] for c, s in record["label_maps"].items()}, meta=record["meta"])
+
+
+def _json_object(value: Mapping, what: str) -> dict:
+    """``value`` as a JSON round trip would give it back; ValueError when it is not JSON."""
+    try:
+        out = json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON: {exc}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return out
+
+
+def _ids(ids: list[int], limit: int = 10) -> str:
+    return ", ".join(map(str, ids[:limit])) + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
