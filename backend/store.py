@@ -38,8 +38,8 @@ from backend.settings import Settings
 
 BACKFILL_RETRY_S = 300  # a failed backfill is retried after this many seconds
 KEEP_VERSIONS = 20  # default length of a project's history
-# Per-project prediction settings a version may carry, with their smallest allowed value.
-PREDICTION_SETTINGS = {"num_prompts": 1, "min_region_area": 0, "polygon_max_points": 3}
+# Per-project prediction settings a version may carry: their allowed values.
+PROJECT_SETTINGS = {"prompt_selection": ("similar", "recent"), "tuned_prompt": ("ensemble", "alone")}
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -89,7 +89,7 @@ class PromptState:
     version: int = 0
     entries: Mapping[int, dict] = field(default_factory=dict)  # task id -> PromptEntry.record()
     tuned: dict | None = None  # {"blob": sha256, "meta": {...}}
-    settings: Mapping[str, int] = field(default_factory=dict)
+    settings: Mapping[str, object] = field(default_factory=dict)
     created_at: float = 0.0
     change: str = ""
 
@@ -132,18 +132,47 @@ def model_version(fingerprint: str, version: int) -> str:
     return f"seggpt-{fingerprint[:8]}-v{version}"
 
 
-def validate_settings(values: Mapping[str, object]) -> dict[str, int]:
+def validate_settings(values: Mapping[str, object]) -> dict[str, object]:
     """Per-project prediction settings, checked; raises ValueError naming the bad one."""
     if not isinstance(values, Mapping):
         raise ValueError(f"settings must be a JSON object, got {type(values).__name__}")
-    out = {}
     for name, value in values.items():
-        if name not in PREDICTION_SETTINGS:
-            raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(PREDICTION_SETTINGS))}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < PREDICTION_SETTINGS[name]:
-            raise ValueError(f"setting {name} must be an integer >= {PREDICTION_SETTINGS[name]}, got {value!r}")
-        out[name] = value
-    return out
+        if name not in PROJECT_SETTINGS:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(PROJECT_SETTINGS))}")
+        if value not in PROJECT_SETTINGS[name]:
+            raise ValueError(f"{name} must be one of {', '.join(PROJECT_SETTINGS[name])}, got {value!r}")
+    return dict(values)
+
+
+def check_tuned_prompt(data: bytes, image_size: int | None = None) -> list[str]:
+    """Check tuned-prompt bytes; returns the controls they tune ("" for a bare prompt).
+
+    Either one TunedPrompt's safetensors, or safetensors holding one such blob per control
+    (uint8 tensors). ``image_size`` also checks the tensors' size. ValueError naming the
+    problem otherwise.
+    """
+    import torch  # only when a tuned prompt is handled
+    from safetensors.torch import load
+
+    from seggpt_model.tuning import TunedPrompt
+
+    try:
+        tensors = load(bytes(data))
+    except Exception as exc:
+        raise ValueError(f"not a tuned prompt: not safetensors ({type(exc).__name__})") from None
+    if {"image", "mask"} <= set(tensors):
+        TunedPrompt.from_bytes(bytes(data), image_size)
+        return [""]
+    if not tensors:
+        raise ValueError("not a tuned prompt: no tensors")
+    for name, part in tensors.items():
+        if part.dtype != torch.uint8 or part.dim() != 1:
+            raise ValueError(f"tuned prompt of {name!r}: expected the bytes of a tuned prompt")
+        try:
+            TunedPrompt.from_bytes(part.numpy().tobytes(), image_size)
+        except ValueError as exc:
+            raise ValueError(f"tuned prompt of {name!r}: {exc}") from None
+    return sorted(tensors)
 
 
 class PromptStore:
@@ -293,6 +322,13 @@ class PromptStore:
             r for rec in s.entries.values() for r in _record_refs(rec)})
         return state, [_entry(state.entries[t], blobs) for t in sorted(state.entries)]
 
+    def entry_metas(self, project: str, control: str, state: PromptState | None = None) -> list[dict]:
+        """Metadata of the entries that prompt ``control``, newest first (no bytes)."""
+        state = state if state is not None else self.state(project)
+        return [{**r["meta"], "task_id": r["task_id"], "annotation_id": r["annotation_id"],
+                 "updated_at": r["updated_at"], "images": sorted(r["images"]), "controls": sorted(r["label_maps"])}
+                for r in _pick(state, [control], len(state.entries))[control]]
+
     def entry_count(self, project: str) -> int:
         return len(self.state(project).entries)
 
@@ -308,9 +344,7 @@ class PromptStore:
         are not a tuned prompt or metadata that is not JSON."""
         tuned = None
         if data is not None:
-            from seggpt_model.tuning import TunedPrompt  # torch: only when a prompt is stored
-
-            TunedPrompt.from_bytes(data)
+            check_tuned_prompt(data)
             tuned = {"blob": blob_id(data), "meta": _json_object(meta or {}, "tuned prompt metadata")}
 
         def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
@@ -321,22 +355,28 @@ class PromptStore:
 
         return self._commit(project, plan)
 
-    def tuned_prompt(self, project: str, state: PromptState | None = None) -> tuple[bytes, dict] | None:
-        """The tuned prompt's bytes and metadata at ``state`` (default: the current version)."""
+    def tuned_prompt(self, project: str, state: PromptState | None = None) -> bytes | None:
+        """The tuned prompt's bytes at ``state`` (default: the current version); its metadata
+        is ``state.tuned["meta"]``."""
         state, blobs = self._with_blobs(project, state, lambda s: {s.tuned["blob"]} if s.tuned else set())
-        return (blobs[state.tuned["blob"]], state.tuned["meta"]) if state.tuned else None
+        return blobs[state.tuned["blob"]] if state.tuned else None
 
-    def settings(self, project: str) -> dict[str, int]:
+    def settings(self, project: str) -> dict[str, object]:
+        """The project's own prediction settings (deployment defaults apply to the rest)."""
         return dict(self.state(project).settings)
 
-    def set_settings(self, project: str, values: Mapping[str, object]) -> int | None:
-        """Replace the project's prediction settings; returns the new version, None if unchanged."""
-        settings = validate_settings(values)
+    def update_settings(self, project: str, changes: Mapping[str, object]) -> int | None:
+        """Merge ``changes`` into the project's settings (None: back to the default);
+        returns the new version, None if unchanged. ValueError for an unknown or bad value."""
+        if not isinstance(changes, Mapping):
+            raise ValueError(f"settings must be a JSON object, got {type(changes).__name__}")
+        validate_settings({k: v for k, v in changes.items() if v is not None})
 
         def plan(pipe: Pipeline, current: PromptState) -> tuple[PromptState, dict] | None:
-            if dict(current.settings) == settings:
+            merged = {k: v for k, v in {**current.settings, **changes}.items() if v is not None}
+            if merged == dict(current.settings):
                 return None
-            return replace(current, settings=settings, change=f"settings {json.dumps(settings)}"), {}
+            return replace(current, settings=merged, change=f"settings {json.dumps(dict(changes))}"), {}
 
         return self._commit(project, plan)
 

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .modeling import SegGPT, SegGPTConfig
@@ -217,6 +218,31 @@ def _download(repo_id: str) -> Path:
                 f"cannot download {repo_id} ({type(e).__name__}) and it is not in the local cache; set "
                 f"{WEIGHTS_ENV} to a local weights file, or to '{DEMO}' for the bundled small demo model") from None
     raise WeightsError(f"hub repository {repo_id} has none of {', '.join(_FILE_CANDIDATES)}") from last
+
+
+def read_config(source: str | os.PathLike | None = None) -> SegGPTConfig:
+    """The model's shape from a checkpoint's tensor shapes, without loading its weights.
+
+    safetensors headers are read alone; torch files are memory-mapped (zip format) or, for
+    the legacy format, read whole. Prompt packs carry this to refuse incompatible models.
+    """
+    path = resolve_source(source)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as fh:
+                state = {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) torch file: cannot be mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot read checkpoint {path.name}: {type(e).__name__}: {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path.name} does not hold a state dict of tensors")
+    return infer_config(to_official_layout(state))
 
 
 def load_seggpt(source: str | os.PathLike | None = None, device=None, dtype=None) -> SegGPT:
