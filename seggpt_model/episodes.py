@@ -94,7 +94,7 @@ def _shape_mask(shape: str, size: int, angle: float) -> np.ndarray:
 def _texture(kind: str, size: int, c1: np.ndarray, c2: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """size x size x 3 float texture mixing two colours."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = rng.uniform(4, 8)
+    period = rng.uniform(8, 16)  # coarse enough to survive the model's resize
     if kind == "solid":
         t = np.zeros((size, size), np.float32)
     elif kind == "stripes":
@@ -150,7 +150,7 @@ def render_scene(instances: list[tuple[ObjectClass, int]], size: int, rng: np.ra
     img = _background(size, rng)
     labels = np.zeros((size, size), np.int64)
     for cls, label in instances:
-        s = int(rng.uniform(0.16, 0.36) * size)
+        s = int(rng.uniform(0.2, 0.42) * size)
         m = _shape_mask(cls.shape, s, rng.uniform(0, 2 * math.pi))
         tex = _texture(cls.texture, s, COLOURS[cls.colours[0]].astype(np.float32),
                        COLOURS[cls.colours[1]].astype(np.float32), rng)
@@ -166,6 +166,7 @@ class Task:
 
     def __init__(self, rng: np.random.Generator, domain: str, multi_prob: float) -> None:
         self.rng = rng
+        self.distractor_prob = 0.7 if rng.random() < 0.7 else 0.0  # some tasks are plain "find these"
         n_targets = 2 if rng.random() < multi_prob else 1
         self.targets: list[ObjectClass] = []
         while len(self.targets) < n_targets:
@@ -179,7 +180,7 @@ class Task:
         rng = self.rng
         inst = [(t, i + 1) for i, t in enumerate(self.targets)
                 for _ in range(int(rng.integers(1, 3)))] if with_targets else []
-        inst += [(d, 0) for d in self.distractors if rng.random() < 0.7]
+        inst += [(d, 0) for d in self.distractors if rng.random() < self.distractor_prob]
         order = rng.permutation(len(inst))
         return render_scene([inst[i] for i in order], size, rng)
 

@@ -20,10 +20,25 @@ def patch_mask_to_pixels(bool_masked_pos: torch.Tensor, grid: tuple[int, int], p
 
 
 def seggpt_loss(pred: torch.Tensor, tgts: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 (beta 0.01) over masked pixels and channels, normalised by the mask sum (official)."""
+    """Smooth-L1 (beta 0.01) over masked pixels and channels, normalised by the mask sum (official).
+
+    ``pixel_mask`` may carry weights instead of 0/1 (see ``foreground_weights``).
+    """
     loss = F.smooth_l1_loss(pred.float(), tgts.float(), reduction="none", beta=SMOOTH_L1_BETA)
     mask = pixel_mask.expand_as(loss)
     return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+def foreground_weights(tgts: torch.Tensor, weight: float) -> torch.Tensor:
+    """(N, 1, H, W): ``weight`` where the target is not the black background, else 1.
+
+    Generated scenes are mostly background, and under an L1-type loss "paint everything
+    black" is a deep plateau; weighting the few foreground pixels gets past it sooner.
+    """
+    black = torch.tensor([-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
+                         device=tgts.device).view(1, 3, 1, 1)
+    fg = ((tgts - black).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    return 1 + (weight - 1) * fg
 
 
 def random_colours(n: int, rng: np.random.Generator, min_dist: float = 90.0) -> np.ndarray:
