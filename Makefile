@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 SEGGPT_WEIGHTS ?= BAAI/seggpt-vit-large
 export SEGGPT_WEIGHTS
 
+HOST ?= 0.0.0.0
+PORT ?= 9090
+
 .PHONY: setup run predict-example test bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -16,8 +19,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed
 
-## The main job: segment the bundled example query in context of the bundled prompt.
+## The main job: the ML backend Label Studio connects to (settings from the environment, see README).
 run: setup
+	$(VENV)/bin/seggpt-backend serve --host $(HOST) --port $(PORT)
+
+## Segment the bundled example query in context of the bundled prompt (writes out/example/).
+predict-example: setup
 	$(PY) -m seggpt_model predict \
 		--prompt seggpt_model/assets/example_prompt.jpg --prompt-mask seggpt_model/assets/example_prompt_mask.png \
 		--query seggpt_model/assets/example_query.jpg --out out/example
