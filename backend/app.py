@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.ls_client import LabelStudioClient
 from backend.model import PROMPT_EVENTS, LabelConfigError, SegGPTBackend, project_key
+from backend.prelabel import BATCH_SIZE
 from backend.settings import Settings
 from backend.store import PromptStore, connect
 from seggpt_model import WeightsError
@@ -65,6 +66,11 @@ class PredictRequest(_ProjectBody):
     tasks: list[Task] = Field(min_length=1)
     label_config: str
     params: PredictParams | None = None
+
+
+class PrelabelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(default=BATCH_SIZE, ge=1, le=256)
 
 
 class WebhookRequest(_Body):
@@ -126,7 +132,32 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
         found = await _call(lambda: [backend.model_version(k) for k in keys or backend.store.projects()])
         return {"versions": found}
 
+    @app.post("/projects/{project}/prelabel", status_code=202)
+    async def prelabel(project: str, body: PrelabelRequest | None = None) -> dict:
+        """Queue pre-labeling of the whole project (or join the one under way): not bound by /predict's 100 s."""
+        key = _project_or_422(project)
+        job, created = await _call(backend.jobs.submit, key, "prelabel", (body or PrelabelRequest()).model_dump())
+        return {**job, "joined": not created}
+
+    @app.get("/projects/{project}/jobs")
+    async def project_jobs(project: str) -> dict:
+        return {"jobs": await _call(backend.jobs.jobs, _project_or_422(project))}
+
+    @app.get("/jobs/{job_id}")
+    async def job(job_id: str) -> dict:
+        record = await _call(backend.jobs.get, job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return record
+
     return app
+
+
+def _project_or_422(project: str) -> str:
+    try:
+        return project_key(project)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 async def _call(fn: Callable[..., Any], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> Any:

@@ -7,7 +7,9 @@ import logging
 import uvicorn
 
 from backend.app import create_app
+from backend.job_commands import add_commands as add_job_commands
 from backend.settings import Settings
+from backend.worker import embedded_worker
 from seggpt_model import WeightsError
 
 
@@ -19,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="serve /health, /setup, /predict, /webhook and /versions")
     serve.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=9090, help="port to listen on (default: 9090)")
+    add_job_commands(commands)
     args = parser.parse_args(argv)
 
     try:
@@ -26,8 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.exit(2, f"seggpt-backend: bad configuration: {exc}\n")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":
+        parser.exit(args.run(settings, args))
     try:
         app = create_app(settings)
     except WeightsError as exc:
         parser.exit(2, f"seggpt-backend: {exc}\n")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower(), log_config=None)
+    with embedded_worker(settings):  # only with the embedded Redis; REDIS_URL deployments run their own
+        uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower(), log_config=None)

@@ -98,13 +98,18 @@ class LabelStudioClient:
         """
         return self.get_json(f"/api/tasks/{int(task_id)}/")
 
-    def iter_tasks(self, project_id: int, *, annotated_only: bool = True, page_size: int = 100) -> Iterator[dict]:
+    def iter_tasks(self, project_id: int, *, annotated_only: bool = True, page_size: int = 100,
+                   full: bool = True) -> Iterator[dict]:
         """Tasks of a project with their annotations, page by page.
 
         With ``annotated_only`` only tasks with at least one non-cancelled annotation are
-        yielded (filtered server-side where supported and checked again here).
+        yielded (filtered server-side where supported and checked again here). ``full=False``
+        asks for Label Studio's light view: no annotation or prediction bodies, but the
+        counters (``total_annotations`` counts non-cancelled annotations).
         """
-        params: dict[str, Any] = {"project": int(project_id), "fields": "all", "page_size": page_size}
+        params: dict[str, Any] = {"project": int(project_id), "page_size": page_size}
+        if full:
+            params["fields"] = "all"
         if annotated_only:
             params["query"] = _ANNOTATED_QUERY
         page, seen = 1, 0

@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from backend.bank import PromptBank, Prompt
+from backend.jobs import JobQueue
 from backend.label_config import ControlSpec, parse_label_config
 from backend.ls_client import LabelStudioClient
 from backend.media import MediaError, MediaFetcher
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 NO_PROMPTS = ("no annotated examples yet: annotate a few tasks (brush, polygon or rectangle regions); "
               "they become SegGPT's prompts and the remaining tasks are pre-labelled from them")
 BACKFILLING = "no prompts yet: the project's existing annotations are being read from Label Studio; retry shortly"
-TUNING_NOT_IMPLEMENTED = ("prompt tuning is not implemented yet: the training request was recorded, "
-                          "nothing will be trained, and predictions keep using the annotated examples")
 PROMPT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
                            "ANNOTATIONS_DELETED", "TASKS_DELETED"})  # webhooks that change the bank
 SAMPLE_BYTES = 1 << 20  # head and tail of a checkpoint that identify it
@@ -82,6 +81,7 @@ class SegGPTBackend:
         """``predictor`` injects a ready model (tests); otherwise SEGGPT_WEIGHTS is loaded lazily."""
         self.settings = settings
         self.store = store
+        self.jobs = JobQueue(store)
         self.bank = PromptBank(store, media or MediaFetcher(settings, client))
         self.client = client
         self._predictor = predictor
@@ -147,10 +147,10 @@ class SegGPTBackend:
             return self._changed(key, self.bank.remove_annotations(key, ids))
         if event == "TASKS_DELETED":
             return self._changed(key, self.bank.remove_tasks(key, [t["id"] for t in data.get("tasks") or []]))
-        # START_TRAINING
-        job = self.store.record_job(key, "tune", status="not_implemented", message=TUNING_NOT_IMPLEMENTED)
-        return {"status": "recorded", "job": job["id"], "message": TUNING_NOT_IMPLEMENTED,
-                "model_version": self.model_version(key)}
+        # START_TRAINING: a background tune job (joined if one is active); answered at once
+        job, created = self.jobs.submit(key, "tune")
+        return {"status": job["status"] if created else "joined", "job": job["id"],
+                "message": job.get("reason") or job["message"], "model_version": self.model_version(key)}
 
     # -- internals -----------------------------------------------------------------------
     def _add_annotations(self, key: str, data: dict, controls: list[ControlSpec]) -> dict:

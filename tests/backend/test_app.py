@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 
 from backend.app import PREDICT_THREADS, create_app
 from backend.label_config import parse_label_config
-from backend.model import NO_PROMPTS, TUNING_NOT_IMPLEMENTED, SegGPTBackend
+from backend.jobs import RUNNERS
+from backend.model import NO_PROMPTS, SegGPTBackend
 from backend.results import label_map_to_results
 from backend.settings import Settings
 from backend.store import PromptStore, connect
@@ -156,12 +157,15 @@ def test_webhooks_update_and_delete_the_bank_and_change_the_version(client, back
     assert versions == [v2] and client.get("/versions", params={"project": PROJECT}).json() == {"versions": [v2]}
 
 
-def test_start_training_is_recorded_and_honest(client, backend) -> None:
+def test_start_training_answers_at_once_with_a_tune_job_that_says_why_it_failed(client, backend,
+                                                                                 monkeypatch) -> None:
+    monkeypatch.setitem(RUNNERS, "tune", "backend.no_such_tuning_module:run_tune")  # no tuning job installed
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4, "title": "p"}})
     assert response.status_code == 201
     body = response.json()
-    assert body["status"] == "recorded" and body["message"] == TUNING_NOT_IMPLEMENTED
-    assert backend.store.job(body["job"])["status"] == "not_implemented"
+    assert body["status"] == "failed" and body["message"].startswith("tuning not available")
+    job = client.get(f"/jobs/{body['job']}").json()
+    assert job["kind"] == "tune" and job["project"] == "4" and job["reason"] == body["message"]
 
 
 def test_other_webhooks_are_acknowledged(client) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from backend.label_config import parse_label_config
 from backend.ls_client import LabelStudioClient
-from backend.model import NO_PROMPTS, TUNING_NOT_IMPLEMENTED, LabelConfigError, SegGPTBackend
+from backend.jobs import RUNNERS
+from backend.model import NO_PROMPTS, LabelConfigError, SegGPTBackend
 from backend.results import label_map_to_results
 from backend.settings import Settings
 from backend.store import PromptStore
@@ -170,11 +171,12 @@ def test_webhook_events_update_the_bank_and_the_version(backend, image_server, b
     assert prediction["reason"] == NO_PROMPTS and prediction["model_version"] == deleted["model_version"]
 
 
-def test_start_training_is_recorded_and_says_tuning_is_not_implemented(backend) -> None:
+def test_start_training_records_a_tune_job_that_fails_visibly_without_tuning(backend, monkeypatch) -> None:
+    monkeypatch.setitem(RUNNERS, "tune", "backend.no_such_tuning_module:run_tune")  # no tuning job installed
     answer = backend.fit("START_TRAINING", {"project": {"id": 3, "title": "p"}})
-    assert answer["status"] == "recorded" and answer["message"] == TUNING_NOT_IMPLEMENTED
-    [job] = backend.store.jobs("3")
-    assert job["id"] == answer["job"] and job["status"] == "not_implemented" and job["kind"] == "tune"
+    assert answer["status"] == "failed" and answer["message"].startswith("tuning not available")
+    [job] = backend.jobs.jobs("3")
+    assert job["id"] == answer["job"] and job["status"] == "failed" and job["kind"] == "tune"
 
 
 def test_other_events_are_acknowledged_without_changes(backend, image_server, brush_config) -> None:
