@@ -9,21 +9,21 @@ annotator's save request.
 from __future__ import annotations
 
 import logging
-import secrets
 from functools import partial
 from typing import Any, Callable
 
 import anyio
 import redis
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
+from fastapi import BackgroundTasks, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from backend.events import checked_event
 from backend.ls_client import LabelStudioClient
 from backend.model import PROMPT_EVENTS, LabelConfigError, SegGPTBackend, project_key
 from backend.prelabel import BATCH_SIZE
+from backend.security import BasicAuthMiddleware, BodyLimitMiddleware
 from backend.settings import Settings
 from backend.store import PromptStore, connect
 from seggpt_model import WeightsError
@@ -74,7 +74,7 @@ class PrelabelRequest(BaseModel):
 
 
 class WebhookRequest(_Body):
-    action: str
+    action: str = Field(max_length=100)
     project: dict[str, Any] | int | str | None = None
 
 
@@ -84,9 +84,10 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
         client = (LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
                   if settings.label_studio_url and settings.label_studio_api_key else None)
         backend = SegGPTBackend(settings, PromptStore(connect(settings)), client=client)
-    auth = [Depends(_basic_auth(settings))] if settings.basic_auth_user else []
-    app = FastAPI(title="SegGPT ML backend for Label Studio", dependencies=auth,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="SegGPT ML backend for Label Studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    if settings.basic_auth_user:  # added last: runs first, before the body is even read
+        app.add_middleware(BasicAuthMiddleware, user=settings.basic_auth_user, password=settings.basic_auth_pass)
     app.add_exception_handler(RequestValidationError, _validation_error)
     predict_limiter = anyio.CapacityLimiter(PREDICT_THREADS)
 
@@ -115,6 +116,7 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
             project = body.project.get("id") if isinstance(body.project, dict) else body.project
             try:
                 project_key(project)
+                data = checked_event(body.action, data)
             except ValueError as exc:
                 raise HTTPException(422, f"{body.action}: {exc}") from None
         if body.action in PROMPT_EVENTS:
@@ -194,26 +196,16 @@ def _apply_event(backend: SegGPTBackend, action: str, data: dict) -> None:
         log.debug("traceback", exc_info=True)
 
 
-def _basic_auth(settings: Settings) -> Callable[..., Any]:
-    user = (settings.basic_auth_user or "").encode()
-    password = (settings.basic_auth_pass or "").encode()
-    scheme = HTTPBasic(auto_error=False)
-
-    async def check(credentials: HTTPBasicCredentials | None = Depends(scheme)) -> None:
-        given = credentials or HTTPBasicCredentials(username="", password="")
-        user_ok = secrets.compare_digest(given.username.encode(), user)
-        pass_ok = secrets.compare_digest(given.password.encode(), password)
-        if not (credentials and user_ok and pass_ok):
-            raise HTTPException(401, "authentication required", headers={"WWW-Authenticate": "Basic"})
-
-    return check
-
-
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """One short line per problem instead of pydantic's nested structures; 400 for broken JSON."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return JSONResponse({"detail": "request body is not valid JSON"}, status_code=400)
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (media_type == "application/json" or media_type.endswith("+json")) and any(
+            tuple(e.get("loc", ())) == ("body",) and e.get("type") != "missing" for e in errors):
+        return JSONResponse({"detail": f"send the body as JSON (Content-Type: application/json), "
+                                       f"not {media_type[:60] or 'without a Content-Type'}"}, status_code=415)
     problems = []
     for error in errors[:10]:
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"

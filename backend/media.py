@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -45,7 +46,9 @@ class MediaFetcher:
             client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
         self._client = client
         self._ls_url = client.url if client else settings.label_studio_url
-        self._http = httpx.Client(timeout=settings.media_timeout, follow_redirects=False)
+        # No keep-alive: every download gets its own connection, which its deadline can cut.
+        self._http = httpx.Client(timeout=settings.media_timeout, follow_redirects=False,
+                                  limits=httpx.Limits(max_keepalive_connections=0))
         self._cache = _ImageCache(settings.media_cache_mb * 1024 * 1024)
 
     def close(self) -> None:
@@ -78,6 +81,7 @@ class MediaFetcher:
             return self._local_file(url) or self._fetch(self._on_label_studio(url))
         if scheme not in ("http", "https"):
             raise MediaError(f"unsupported image URL {_describe(url)}")
+        _check_url(url)
         if self._is_label_studio(url):
             return self._local_file(url) or self._fetch(url)
         return self._fetch(url)
@@ -124,28 +128,31 @@ class MediaFetcher:
         return path.read_bytes()
 
     def _fetch(self, url: str) -> bytes:
+        _check_url(url)
         if not self._allowed(url):
             raise MediaError(
                 f"image host of {_describe(url)} is not allowed; add it to ALLOWED_MEDIA_HOSTS to fetch from it"
             )
-        deadline = time.monotonic() + self._settings.media_timeout
+        deadline = _Deadline(self._settings.media_timeout)
         on_label_studio = True  # credentials only while every hop so far was Label Studio's
         try:
             for _ in range(MAX_REDIRECTS + 1):
                 on_label_studio = on_label_studio and self._is_label_studio(url)
                 headers = self._auth_headers() if on_label_studio else {}
-                timeout = max(deadline - time.monotonic(), 0.001)
-                with self._http.stream("GET", url, headers=headers, timeout=timeout) as response:
+                with self._http.stream("GET", url, headers=headers, timeout=deadline.remaining(),
+                                       extensions={"trace": deadline.trace}) as response:
                     if response.is_redirect:
                         url = self._redirect_target(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
                         raise MediaError(f"downloading {_describe(url)} failed: HTTP {response.status_code}")
                     return self._body(response, deadline, url)
-        except httpx.TimeoutException:
-            raise MediaError(f"downloading {_describe(url)} took longer than MEDIA_TIMEOUT") from None
         except httpx.HTTPError as exc:
+            if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                raise MediaError(f"downloading {_describe(url)} took longer than MEDIA_TIMEOUT") from None
             raise MediaError(f"downloading {_describe(url)} failed ({type(exc).__name__})") from None
+        finally:
+            deadline.cancel()
         raise MediaError(f"downloading {_describe(url)} was redirected more than {MAX_REDIRECTS} times")
 
     def _redirect_target(self, url: str, location: str) -> str:
@@ -153,6 +160,7 @@ class MediaFetcher:
         target = urljoin(url, location)
         if _scheme(target) not in ("http", "https"):
             raise MediaError(f"{_describe(url)} redirected to an unsupported URL")
+        _check_url(target)
         if not self._is_label_studio(url) and not self._allowed(target):
             raise MediaError(f"{_describe(url)} redirected to {_describe(target)}, a host that is not allowed")
         return target
@@ -165,7 +173,7 @@ class MediaFetcher:
         except LabelStudioError as exc:
             raise MediaError(f"cannot authenticate to Label Studio: {exc}") from None
 
-    def _body(self, response: httpx.Response, deadline: float, url: str) -> bytes:
+    def _body(self, response: httpx.Response, deadline: _Deadline, url: str) -> bytes:
         limit = self._settings.max_image_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -175,7 +183,7 @@ class MediaFetcher:
             size += len(chunk)
             if size > limit:
                 raise MediaError(f"{_describe(url)} is larger than MAX_IMAGE_BYTES ({limit})")
-            if time.monotonic() > deadline:
+            if deadline.expired:
                 raise MediaError(f"downloading {_describe(url)} took longer than MEDIA_TIMEOUT")
             chunks.append(chunk)
         return b"".join(chunks)
@@ -208,6 +216,59 @@ class MediaFetcher:
             raise MediaError(f"{where} is not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
         except (OSError, SyntaxError, ValueError, EOFError):
             raise MediaError(f"{where} is a truncated or corrupt image") from None
+
+
+class _Deadline:
+    """Cuts a download off at MEDIA_TIMEOUT, whatever the server does.
+
+    httpx's timeouts bound each socket operation, so a server that trickles one byte at a
+    time (headers included) never trips them; at the deadline this shuts down the sockets
+    the download opened, which ends any read in progress.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def expired(self) -> bool:
+        return self._expired or time.monotonic() >= self._at
+
+    def remaining(self) -> float:
+        return max(self._at - time.monotonic(), 0.001)
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpcore's trace hook: learns each connection's socket as it is opened."""
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self._expired
+        if expired:
+            _shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):  # already closed, or detached by TLS wrapping
+        pass
 
 
 class _ImageCache:
@@ -252,6 +313,24 @@ def _scheme(url: str) -> str:
     return head.lower() if sep and head.replace("-", "").isalnum() else ""
 
 
+def _check_url(url: str) -> None:
+    """Refuse URLs that parsers may read differently: credentials, bad ports, control characters.
+
+    The allow-list is checked on one parse of the URL and the request made from another
+    (httpx's); both must agree on the host, and ``http://allowed@evil/``-style URLs are
+    refused outright rather than trusted to be read the same way everywhere.
+    """
+    try:
+        parsed = httpx.URL(url)
+        urlsplit(url).port  # noqa: B018  (raises on ports out of range)
+    except (httpx.InvalidURL, ValueError):
+        raise MediaError(f"malformed image URL {_describe(url)}") from None
+    if parsed.userinfo or "@" in urlsplit(url).netloc:
+        raise MediaError(f"image URLs with a user name or password are refused: {_describe(url)}")
+    if not parsed.host or parsed.host != (urlsplit(url).hostname or "").lower():
+        raise MediaError(f"malformed image URL {_describe(url)}")
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
@@ -262,10 +341,11 @@ def _describe(url: str) -> str:
     """The URL without credentials or query (presigned URLs carry signatures there)."""
     if url.startswith("data:"):
         return "data: URL"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. a bracketed host that is no IPv6 address
+        return "an unparsable URL"
+    host = parts.netloc.rpartition("@")[2]  # no user info; not parsed further: it may be malformed
     where = f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path
     local = parse_qs(parts.query).get("d") if parts.path.rstrip("/") == LOCAL_FILES_PATH.rstrip("/") else None
     return f"{where}?d={local[0]}" if local else where

@@ -42,8 +42,9 @@ def project_key(project: str | int) -> str:
     """The project id: Label Studio sends ``"<id>.<created timestamp>"`` to /setup and
     /predict but the bare id in webhooks, and both must reach the same prompt bank."""
     key = str(project).split(".", 1)[0]
-    if not key.isdigit():
-        raise ValueError(f"project must be a Label Studio project id like '3' or '3.1718000000', got {project!r}")
+    if not (key.isascii() and key.isdigit() and len(key) <= 19):  # ASCII: "²".isdigit() is true as well
+        raise ValueError(f"project must be a Label Studio project id like '3' or '3.1718000000', "
+                         f"got {str(project)[:40]!r}")
     return key
 
 

@@ -87,7 +87,7 @@ def results_to_label_map(results: list[dict], control: ControlSpec, height: int,
             continue
         kind = item.get("type")
         value = item.get("value")
-        if kind not in _RASTERISERS or not isinstance(value, dict):
+        if not isinstance(kind, str) or kind not in _RASTERISERS or not isinstance(value, dict):
             raise ValueError(f"result of {control.name!r} has unsupported type {kind!r}")
         names = value.get(kind) or []
         if not isinstance(names, list):
@@ -95,7 +95,7 @@ def results_to_label_map(results: list[dict], control: ControlSpec, height: int,
         if not names:
             continue  # an unlabelled region carries no class
         label = names[0]
-        if label not in label_ids:
+        if not isinstance(label, str) or label not in label_ids:
             raise ValueError(f"result of {control.name!r} uses unknown label {label!r}")
         mask = _RASTERISERS[kind](value, height, width)
         label_map[mask] = label_ids[label]

@@ -41,6 +41,7 @@ class Settings:
     max_image_pixels: int = 64_000_000
     media_timeout: float = 30.0
     media_cache_mb: int = 256
+    max_request_bytes: int = 64 * 1024 * 1024  # LS /predict bodies carry every task's annotations and predictions
     polygon_max_points: int = 100
     keep_versions: int = 20  # prompt-state versions kept per project for rollback
     prompt_selection: str = "similar"  # which K bank entries prompt a query: similar | recent
@@ -91,6 +92,7 @@ class Settings:
             max_image_pixels=parse("MAX_IMAGE_PIXELS", _int_at_least(1), 64_000_000),
             media_timeout=parse("MEDIA_TIMEOUT", _positive_float, 30.0),
             media_cache_mb=parse("MEDIA_CACHE_MB", _int_at_least(0), 256),
+            max_request_bytes=parse("MAX_REQUEST_BYTES", _int_at_least(1024), 64 * 1024 * 1024),
             polygon_max_points=parse("POLYGON_MAX_POINTS", _int_at_least(3), 100),
             keep_versions=parse("KEEP_VERSIONS", _int_at_least(1), 20),
             prompt_selection=parse("PROMPT_SELECTION", _choice("similar", "recent"), "similar"),
