@@ -157,7 +157,10 @@ class MediaFetcher:
 
     def _redirect_target(self, url: str, location: str) -> str:
         """Redirects chosen by Label Studio (e.g. presigned storage URLs) are trusted; others re-checked."""
-        target = urljoin(url, location)
+        try:
+            target = urljoin(url, location)
+        except ValueError:
+            raise MediaError(f"{_describe(url)} redirected to a malformed URL") from None
         if _scheme(target) not in ("http", "https"):
             raise MediaError(f"{_describe(url)} redirected to an unsupported URL")
         _check_url(target)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -189,3 +190,49 @@ class FakeLabelStudio:
         body = request.json()
         self.predictions.append(body)
         return Reply.json({"id": len(self.predictions), **body}, 201)
+
+
+class TrickleServer:
+    """A slow-loris server: answers every connection with ``head`` at once, then ``response``
+    ``chunk`` bytes every ``delay`` s."""
+
+    def __init__(self, response: bytes, chunk: int = 1, delay: float = 0.05, head: bytes = b""):
+        self.response, self.chunk, self.delay, self.head = response, chunk, delay, head
+        self.connections = 0
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.05)
+        self.port = self._sock.getsockname()[1]
+        self.host = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/x.png") -> str:
+        return f"http://{self.host}{path}"
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # timeout, or closed
+                continue
+            self.connections += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(self.head)
+                for start in range(0, len(self.response), self.chunk):
+                    if self._stop.wait(self.delay):
+                        return
+                    conn.sendall(self.response[start:start + self.chunk])
+            except OSError:  # the client hung up: what a deadline does
+                pass
+
+    def __enter__(self) -> "TrickleServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._sock.close()

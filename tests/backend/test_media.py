@@ -16,6 +16,7 @@ from tests.backend.local_http import (  # noqa: F401  (fixtures)
     LEGACY_KEY,
     FakeLabelStudio,
     Reply,
+    TrickleServer,
     other_server,
     server,
 )
@@ -330,3 +331,134 @@ def test_cache_evicts_the_least_recently_used_image(server):
     fetcher.load_image(f"{server.url}/a.png")  # still cached
     fetcher.load_image(f"{server.url}/b.png")  # was evicted
     assert (len(server.hits("/a.png")), len(server.hits("/b.png"))) == (1, 2)
+
+
+# -- hostile servers, addresses and files ---------------------------------------------------------------
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_slow_loris_servers_are_cut_off_at_the_deadline(part):
+    """Each byte arrives well within the per-read timeout, so only a whole-download deadline stops them."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n" + b"X-Pad: a\r\n" * 40
+    head += b"Content-Length: %d\r\n\r\n" % len(PNG)
+    first, trickled = (b"", head + PNG) if part == "headers" else (head, PNG)  # body: headers at once
+    with TrickleServer(trickled, chunk=1, delay=0.05, head=first) as slow:
+        fetcher = make_fetcher(media_timeout=0.5, allowed_media_hosts=(slow.host,))
+        started = time.monotonic()
+        with pytest.raises(MediaError, match="took longer than MEDIA_TIMEOUT"):
+            fetcher.load_image(slow.url())
+        assert time.monotonic() - started < 1.5  # the whole response would take len/20 s: minutes
+        assert slow.connections == 1
+
+
+def test_a_deadline_also_bounds_redirect_chains(server):
+    """Every hop is quick, but together they take longer than MEDIA_TIMEOUT."""
+
+    def hop(request):
+        time.sleep(0.15)
+        return Reply(302, b"", {"Location": f"/hop?{int(request.query.get('n', ['0'])[0]) + 1}"})
+
+    server.route("GET", "/hop", hop)
+    started = time.monotonic()
+    with pytest.raises(MediaError, match="MEDIA_TIMEOUT"):
+        make_fetcher(server, media_timeout=0.4).load_image(f"{server.url}/hop")
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("host", [
+    "localhost:{port}",  # a name that resolves to the allowed address is still another name
+    "[::1]:{port}", "[::ffff:127.0.0.1]:{port}",  # IPv6 literals
+    "2130706433:{port}", "0177.0.0.1:{port}", "0x7f.0.0.1:{port}", "127.1:{port}", "127.0.0.1.:{port}",  # IPv4 forms
+    "127.0.0.1:{port}@localhost:{port}", "[127.0.0.1]:{port}", "127.0.0.1:{port}0000", "127.0.0.1:-1",
+])
+def test_address_tricks_do_not_pass_the_allow_list(server, host):
+    server.route("GET", "/x.png", png_reply())
+    fetcher = make_fetcher(allowed_media_hosts=(f"127.0.0.1:{server.port}",))
+    assert fetcher.load_image(f"http://127.0.0.1:{server.port}/x.png").size == (40, 30)
+    with pytest.raises(MediaError, match="not allowed|malformed|user name"):
+        fetcher.load_image(f"http://{host.format(port=server.port)}/x.png")
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "http://{allowed}@{internal}/x.png",  # reads as the allowed host, goes to the other one
+    "http://{internal}@{allowed}/x.png",  # goes to the allowed host: refused too, as nobody needs it
+    "http://{allowed}\\@{internal}/x.png", "http://user:pass@{allowed}/x.png",
+])
+def test_urls_with_user_info_are_refused(server, other_server, url):
+    server.route("GET", "/x.png", png_reply())
+    other_server.route("GET", "/x.png", png_reply())
+    internal, allowed = f"127.0.0.1:{server.port}", f"localhost:{other_server.port}"
+    fetcher = make_fetcher(allowed_media_hosts=(allowed,))
+    with pytest.raises(MediaError, match="user name or password"):
+        fetcher.load_image(url.format(allowed=allowed, internal=internal))
+    assert server.requests == [] and other_server.requests == []
+
+
+def test_redirects_to_user_info_or_malformed_urls_are_refused(server, other_server):
+    fetcher = make_fetcher(allowed_media_hosts=(f"localhost:{other_server.port}",))
+    for name, location in [("creds", f"http://localhost:{other_server.port}@127.0.0.1:{server.port}/x.png"),
+                           ("port", f"http://localhost:{other_server.port}0000/x.png"),
+                           ("bracket", f"http://[127.0.0.1]:{server.port}/x.png")]:
+        other_server.route("GET", f"/{name}", Reply(302, b"", {"Location": location}))
+        with pytest.raises(MediaError, match="user name|malformed|not allowed|RemoteProtocolError"):  # httpx's own
+            fetcher.load_image(f"{other_server.url}/{name}")
+    assert server.requests == []
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bmp_header_only(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 12, 0, 0, 14 + 40) + info + b"\0" * 12
+
+
+def _gif_header_only(width: int, height: int) -> bytes:
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0)
+            + b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00;")
+
+
+def _jpeg_with_size(width: int, height: int) -> bytes:
+    """A real small JPEG whose frame header is patched to claim another size."""
+    data = bytearray(encode(gradient(16, 16), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_images_claiming_absurd_sizes_are_refused_before_decoding(server):
+    fetcher = make_fetcher(server, max_image_pixels=5_000_000)
+    for name, data in [("bmp", _bmp_header_only(60_000, 60_000)), ("gif", _gif_header_only(65_535, 65_535)),
+                       ("jpg", _jpeg_with_size(65_000, 65_000)), ("png", png_header_only(2**31 - 1, 1))]:
+        server.route("GET", f"/{name}", Reply(200, data))
+        with pytest.raises(MediaError, match="MAX_IMAGE_PIXELS|decompression bomb|truncated or corrupt") as info:
+            fetcher.load_image(f"{server.url}/{name}")
+        assert "x" in str(info.value) or "bomb" in str(info.value) or "corrupt" in str(info.value), name
+
+
+def test_compressed_text_chunk_bombs_are_refused(server):
+    """A zTXt chunk of 64 MB of zeros is 64 kB on the wire; Pillow's text limits must hold."""
+    bomb = zlib.compress(b"\0" * (64 << 20), 9)
+    data = PNG[:33] + _png_chunk(b"zTXt", b"comment\0\0" + bomb) + PNG[33:]
+    server.route("GET", "/text-bomb.png", Reply(200, data))
+    with pytest.raises(MediaError, match="truncated or corrupt"):
+        make_fetcher(server).load_image(f"{server.url}/text-bomb.png")
+
+
+def test_corrupt_and_foreign_files_are_refused_with_a_reason(server):
+    broken_crc = bytearray(PNG)
+    broken_crc[-20] ^= 0xFF  # inside the last IDAT chunk's data
+    files = {
+        "crc.png": (bytes(broken_crc), "truncated or corrupt"),
+        "empty.png": (b"", "not an image"),
+        "eps.eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "not an image"),  # no Ghostscript
+        "svg.svg": (b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>", "not an image"),
+        "pdf.pdf": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "not an image"),
+        "zip.png": (b"PK\x03\x04" + b"\0" * 100, "not an image"),
+        "header.png": (PNG[:40], "not an image|truncated or corrupt"),
+    }
+    fetcher = make_fetcher(server)
+    for name, (data, reason) in files.items():
+        server.route("GET", f"/{name}", Reply(200, data))
+        with pytest.raises(MediaError, match=reason):
+            fetcher.load_image(f"{server.url}/{name}")
