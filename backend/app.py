@@ -25,7 +25,8 @@ from backend.model import PROMPT_EVENTS, LabelConfigError, SegGPTBackend, projec
 from backend.prelabel import BATCH_SIZE
 from backend.security import BasicAuthMiddleware, BodyLimitMiddleware
 from backend.settings import Settings
-from backend.store import PromptStore, connect
+from backend.state_api import state_routes
+from backend.store import PromptStore
 from seggpt_model import WeightsError
 
 log = logging.getLogger(__name__)
@@ -83,18 +84,22 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
     if backend is None:
         client = (LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
                   if settings.label_studio_url and settings.label_studio_api_key else None)
-        backend = SegGPTBackend(settings, PromptStore(connect(settings)), client=client)
+        backend = SegGPTBackend(settings, PromptStore.from_settings(settings), client=client)
     app = FastAPI(title="SegGPT ML backend for Label Studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.basic_auth_user:  # added last: runs first, before the body is even read
         app.add_middleware(BasicAuthMiddleware, user=settings.basic_auth_user, password=settings.basic_auth_pass)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(redis.ConnectionError, _redis_unreachable)
+    app.add_exception_handler(redis.TimeoutError, _redis_unreachable)
     predict_limiter = anyio.CapacityLimiter(PREDICT_THREADS)
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "UP", "model_class": backend.model_class, "model_loaded": backend.model_loaded,
-                "redis": "ok" if backend.store.ping() else "error"}
+        """200 even without Redis: Label Studio then calls /setup, whose 503 it shows as the reason."""
+        redis_ok = backend.store.ping()
+        return {"status": "UP" if redis_ok else "DEGRADED", "model_class": backend.model_class,
+                "model_loaded": backend.model_loaded, "redis": "ok" if redis_ok else "unreachable"}
 
     @app.post("/setup")
     async def setup(body: SetupRequest) -> dict:
@@ -152,6 +157,7 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
             raise HTTPException(404, f"no job {job_id!r}")
         return record
 
+    app.include_router(state_routes(backend, _call))
     return app
 
 
@@ -175,6 +181,8 @@ async def _call(fn: Callable[..., Any], *args: Any, limiter: anyio.CapacityLimit
     except WeightsError as exc:
         log.error("SegGPT weights cannot be loaded: %s", exc)
         raise HTTPException(503, "the SegGPT weights cannot be loaded; see the server log") from None
+    except (HTTPException, redis.ConnectionError, redis.TimeoutError):
+        raise  # answered as they are / by _redis_unreachable
     except redis.RedisError as exc:
         log.error("prompt store unavailable: %s", type(exc).__name__)
         raise HTTPException(503, "the prompt store (Redis) is unavailable") from None
@@ -194,6 +202,12 @@ def _apply_event(backend: SegGPTBackend, action: str, data: dict) -> None:
     except Exception as exc:
         log.error("%s failed: %s", action, type(exc).__name__)
         log.debug("traceback", exc_info=True)
+
+
+async def _redis_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    """503 with a short reason; the client reconnects by itself once Redis is back."""
+    log.error("prompt store (Redis) unreachable: %s on %s", type(exc).__name__, request.url.path)
+    return JSONResponse({"detail": "the prompt store (Redis) is unreachable; retry shortly"}, status_code=503)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -22,7 +22,7 @@ from backend.results import label_map_to_results, prediction_score
 from backend.settings import Settings
 from backend.store import PromptStore, model_version as version_string
 from seggpt_model import SegGPTPredictor, load_seggpt
-from seggpt_model.weights import resolve_source
+from seggpt_model.weights import read_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ class SegGPTBackend:
 
     def model_version(self, project: str | int) -> str:
         return version_string(self.fingerprint, self.store.version(project_key(project)))
+
+    def model_config(self) -> dict:
+        """The model's shape (SegGPTConfig.to_dict()), read off the checkpoint without loading it."""
+        if self._predictor is not None:
+            return self._predictor.model.config.to_dict()
+        return read_config(self.settings.seggpt_weights).to_dict()
 
     # -- Label Studio contract -----------------------------------------------------------
     def setup(self, project: str | int, schema: str, extra_params: Any = None) -> str:

@@ -218,7 +218,7 @@ def test_unexpected_errors_are_a_generic_500_and_log_no_secret(settings, store, 
 def test_lost_redis_is_reported_not_crashed(settings, predictor, tmp_path, brush_config) -> None:
     dead = PromptStore(connect(replace(settings, redis_url=f"unix://{tmp_path / 'gone.sock'}")))
     client = TestClient(create_app(settings, SegGPTBackend(settings, dead, predictor=predictor)))
-    assert client.get("/health").json()["redis"] == "error"
+    assert client.get("/health").json()["redis"] == "unreachable"
     response = client.post("/setup", json={"project": PROJECT, "schema": brush_config})
     assert response.status_code == 503 and "Redis" in response.json()["detail"]
 
