@@ -7,7 +7,8 @@ bytes) and its prediction settings. Every change writes a new, immutable version
 - ``<ns>:p:<id>:version``: the current version number N (0: nothing stored yet);
 - ``<ns>:p:<id>:manifest:<v>``: version v as JSON: entry metadata with blob references,
   the tuned prompt's reference and metadata, the settings, when and why it was made;
-- ``<ns>:p:<id>:versions``: the kept version numbers (the last ``keep_versions``);
+- ``<ns>:p:<id>:versions``: the kept version numbers (the last ``keep_versions``), and
+  ``<ns>:p:<id>:summaries`` a short JSON summary of each, for listing the history;
 - ``<ns>:p:<id>:blob:<sha256>``: image, label-map and tuned-prompt bytes, content-addressed;
 - ``<ns>:p:<id>:blobrefs``: how many kept manifests refer to each blob.
 
@@ -226,9 +227,9 @@ class PromptStore:
 
     def history(self, project: str) -> list[dict]:
         """The kept versions, newest first: number, time, what changed, entry count, settings."""
-        kept = [int(v) for v in self.redis.zrevrange(self._key(project, "versions"), 0, -1)]
-        raws = self.redis.mget([self._key(project, "manifest", v) for v in kept]) if kept else []
-        return [PromptState.from_json(raw).summary() for raw in raws if raw]
+        kept = self.redis.zrevrange(self._key(project, "versions"), 0, -1)
+        raws = self.redis.hmget(self._key(project, "summaries"), kept) if kept else []
+        return [json.loads(raw) for raw in raws if raw]  # one trimmed meanwhile is left out
 
     def rollback(self, project: str, version: int) -> int | None:
         """Make a new version whose state equals kept ``version``; None if it already does.
@@ -474,8 +475,10 @@ class PromptStore:
                         pipe.mset(fresh)
                     pipe.set(self._key(project, "manifest", state.version), state.to_json())
                     pipe.zadd(vers_key, {str(state.version): state.version})
+                    pipe.hset(self._key(project, "summaries"), str(state.version), json.dumps(state.summary()))
                     if dropped:
                         pipe.zrem(vers_key, *map(str, dropped))
+                        pipe.hdel(self._key(project, "summaries"), *map(str, dropped))
                         pipe.delete(*(self._key(project, "manifest", v) for v in dropped))
                     live = {s: c for s, c in counts.items() if c > 0}
                     dead = [s for s, c in counts.items() if c <= 0]

@@ -7,10 +7,10 @@ import time
 
 import pytest
 import redis
+import torch
 
 from backend.store import PromptEntry, PromptStore, UnknownVersion
 from seggpt_model.tuning import TunedPrompt
-import torch
 
 
 def entry(task: int, annotation: int | None = None, at: float = 100.0, controls=("tag",), image: bytes | None = None):
@@ -100,6 +100,7 @@ def test_history_is_trimmed_and_unreferenced_blobs_are_collected(redis_client: r
         store.put_entry("1", entry(n))
     assert [h["version"] for h in store.history("1")] == [8, 7, 6]
     assert not redis_client.exists("seggpt:p:1:manifest:5") and redis_client.exists("seggpt:p:1:manifest:6")
+    assert sorted(redis_client.hkeys("seggpt:p:1:summaries")) == [b"6", b"7", b"8"]
     assert_blobs_exactly_referenced(store, "1")
     # replacing task 1's entry drops its old label map once no kept version refers to it
     old_map = store.state("1").entries[1]["label_maps"]["tag"]
