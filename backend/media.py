@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import socket
 import threading
 import time
@@ -30,6 +31,11 @@ CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")  # no plugins that shell out (EPS)
 MAX_REDIRECTS = 5
 LOCAL_FILES_PATH = "/data/local-files/"
+
+# httpx logs every URL at INFO and httpcore the response headers at DEBUG; presigned storage URLs
+# and their redirects carry signatures there, so both stay at WARNING whatever LOG_LEVEL says.
+for _logger in ("httpx", "httpcore"):
+    logging.getLogger(_logger).setLevel(logging.WARNING)
 
 
 class MediaError(ValueError):
