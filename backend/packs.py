@@ -198,7 +198,7 @@ def _entry(record: object, members: dict[str, bytes], where: str) -> PromptEntry
                     raise ValueError(f"{image.size[0]}x{image.size[1]} pixels, over {MAX_IMAGE_SIDE} a side")
                 image.load()
                 sizes[key] = image.size
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except Exception as exc:  # untrusted bytes: Pillow raises many kinds (OSError, SyntaxError, struct.error)
             raise ValueError(f"{where}: image {key!r} does not decode: {exc}") from None
     for control, data in maps.items():
         label_map, size = _label_map(data, f"{where}: label map {control!r}")
@@ -224,7 +224,7 @@ def _label_map(data: bytes, where: str) -> tuple[np.ndarray, tuple[int, int]]:
             if image.mode not in ("L", "P"):
                 raise ValueError(f"mode {image.mode}: expected one 8-bit channel of label ids")
             return np.asarray(image), image.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # untrusted bytes, as above
         raise ValueError(f"{where} does not decode: {exc}") from None
 
 

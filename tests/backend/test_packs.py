@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from backend.model import SegGPTBackend
@@ -215,6 +216,24 @@ def annotate(backend: SegGPTBackend, image_server, config: str, n: int) -> None:
 
 def without_ids(prediction: dict) -> dict:
     return {**prediction, "result": [{k: v for k, v in r.items() if k != "id"} for r in prediction["result"]]}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(member=st.sampled_from(["entries/1/image-0.jpg", "entries/1/map-0.png", "tuned.safetensors", "manifest.json"]),
+       at=st.floats(0, 1), junk=st.binary(min_size=1, max_size=16), cut=st.booleans())
+def test_damaged_members_are_a_value_error_or_harmless(pack: bytes, member: str, at: float, junk: bytes,
+                                                       cut: bool) -> None:
+    """Whatever the bytes of a member, reading the pack answers a pack or a ValueError, never a crash."""
+    with zipfile.ZipFile(io.BytesIO(pack)) as zf:
+        data = zf.read(member)
+    i = int(at * (len(data) - 1))
+    damaged = data[:i] + junk if cut else data[:i] + junk + data[i + len(junk):]
+    repacked = rewrite(pack, lambda m, man: m.update({member: damaged})) if member != "manifest.json" else \
+        _with_raw_manifest(pack, damaged)
+    try:
+        read_pack(repacked, TINY)
+    except ValueError:
+        pass
 
 
 @pytest.fixture(scope="module")
