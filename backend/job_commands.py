@@ -13,7 +13,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from backend.jobs import ACTIVE, JobQueue
+from backend.jobs import ACTIVE, LOST, JobQueue
 from backend.model import project_key
 from backend.prelabel import BATCH_SIZE
 from backend.settings import Settings
@@ -63,19 +63,23 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _prelabel(settings: Settings, args: argparse.Namespace) -> int:
-    project = args.project
     jobs = _queue(settings)
-    record, created = jobs.submit(project, "prelabel", {"batch_size": args.batch_size}, inline=args.inline)
-    if not created:
-        print(f"{record['id']} is already {record['status']} for project {project}; following it", file=sys.stderr)
-    elif args.no_follow:
+    params = {"batch_size": args.batch_size}
+    record, created = jobs.submit(args.project, "prelabel", params, inline=args.inline)
+    if created and args.no_follow:
         print(record["id"])
         return 0
     with tqdm(desc=record["id"], unit="task", total=0, file=sys.stderr) as bar:
         show = _bar_updater(bar)
+        if not created:
+            print(f"{record['id']} is already {record['status']}; following it", file=sys.stderr)
+            record = _follow(jobs, record["id"], show)
+            if record.get("reason") == LOST:  # it had died (say, a killed run): do the work now
+                record, created = jobs.submit(args.project, "prelabel", params, inline=args.inline)
+                bar.set_description(record["id"])
         if created and args.inline:
             record = jobs.run(record["id"], settings, hook=show) or record
-        else:
+        elif record["status"] in ACTIVE:
             record = _follow(jobs, record["id"], show)
     print(f"{record['id']}: {record['status']}: {record.get('reason') or record.get('message', '')}")
     return 0 if record["status"] == "finished" else 1

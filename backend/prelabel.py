@@ -14,7 +14,7 @@ from typing import Any
 
 from backend.jobs import JobContext, JobError, Progress
 from backend.ls_client import LabelStudioClient
-from backend.model import BACKFILLING, NO_PROMPTS, controls_of, project_key
+from backend.model import NO_PROMPTS, controls_of, project_key
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ def run_prelabel(ctx: JobContext, project: str, params: dict, progress: Progress
     label_config = client.get_project(int(project)).get("label_config") or ""
     controls = controls_of(label_config)  # LabelConfigError names what cannot be served
     backend = ctx.backend
-    if not backend.store.entry_count(project):  # a project never seen by this backend: read its annotations
+    if not backend.store.entry_count(project):  # no webhooks seen (yet): read the annotations from Label Studio
         progress(0.0, "reading the project's annotations")
-        backend.bank.backfill_once(project, list(controls), lambda: client.iter_tasks(int(project)))
+        backend.bank.backfill(project, list(controls), client.iter_tasks(int(project)))
+        backend.store.mark_backfilled(project)
         if not backend.store.entry_count(project):
-            raise JobError(BACKFILLING if not backend.store.is_backfilled(project) else NO_PROMPTS)
+            raise JobError(NO_PROMPTS)
 
     progress(0.0, "listing tasks")
     tasks, labeled = [], 0

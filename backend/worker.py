@@ -19,7 +19,7 @@ from rq import Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from backend.jobs import QUEUE, JobQueue, rq_connection
+from backend.jobs import JobQueue, rq_connection
 from backend.settings import Settings
 from backend.store import PromptStore, connect
 

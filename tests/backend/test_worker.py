@@ -2,6 +2,7 @@
 job, a worker killed mid-run, and `serve` running its own worker on the embedded Redis."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -55,10 +56,10 @@ def spawn(tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
 
     yield start
     for proc in started:
-        for child in _children(proc.pid):
+        for child in _children(proc.pid):  # work horses have process groups of their own
             child.kill()
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives a parent that died first
         proc.wait(30)
 
 
