@@ -99,12 +99,9 @@ def resolve_runner(kind: str) -> Callable[..., dict]:
     module_name, _, name = RUNNERS[kind].partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            log.error("%s jobs cannot start: %s does not import (%s)", kind, module_name, exc)
-            raise JobError(f"{kind} jobs cannot start: {module_name} does not import; see the log") from None
-        raise JobError(UNAVAILABLE.get(kind, f"{kind} not available")) from None
     except ImportError as exc:  # a broken installation must not take the trigger (a webhook) down with it
+        if isinstance(exc, ModuleNotFoundError) and exc.name == module_name:
+            raise JobError(UNAVAILABLE.get(kind, f"{kind} not available")) from None
         log.error("%s jobs cannot start: %s does not import (%s)", kind, module_name, exc)
         raise JobError(f"{kind} jobs cannot start: {module_name} does not import; see the log") from None
     runner = getattr(module, name, None)
