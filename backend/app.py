@@ -26,6 +26,7 @@ from backend.prelabel import BATCH_SIZE
 from backend.security import BasicAuthMiddleware, BodyLimitMiddleware
 from backend.settings import Settings
 from backend.state_api import state_routes
+from backend.tuning_api import tuning_routes
 from backend.store import PromptStore
 from seggpt_model import WeightsError
 
@@ -158,6 +159,7 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
         return record
 
     app.include_router(state_routes(backend, _call))
+    app.include_router(tuning_routes(backend, _call))
     return app
 
 

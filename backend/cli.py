@@ -10,6 +10,7 @@ from backend.app import create_app
 from backend.job_commands import add_commands as add_job_commands
 from backend.pack_commands import add_commands as add_pack_commands
 from backend.settings import Settings
+from backend.tune_commands import add_commands as add_tune_commands
 from backend.worker import embedded_worker
 from seggpt_model import WeightsError
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, default=9090, help="port to listen on (default: 9090)")
     add_job_commands(commands)
     add_pack_commands(commands)
+    add_tune_commands(commands)
     args = parser.parse_args(argv)
 
     try:

@@ -18,10 +18,13 @@ from backend.jobs import JobQueue
 from backend.label_config import ControlSpec, parse_label_config
 from backend.ls_client import LabelStudioClient
 from backend.media import MediaError, MediaFetcher
+from backend.prompting import PromptSelector
 from backend.results import label_map_to_results, prediction_score
 from backend.settings import Settings
 from backend.store import PromptStore, model_version as version_string
+from backend.tuning import count_corrections
 from seggpt_model import SegGPTPredictor, load_seggpt
+from seggpt_model.tuning import TunedPrompt
 from seggpt_model.weights import read_config, resolve_source
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class SegGPTBackend:
         self.store = store
         self.jobs = JobQueue(store)
         self.bank = PromptBank(store, media or MediaFetcher(settings, client))
+        self.selector = PromptSelector(store, settings)
         self.client = client
         self._predictor = predictor
         self.fingerprint = predictor.fingerprint if predictor else weights_fingerprint(settings.seggpt_weights)
@@ -127,13 +131,14 @@ class SegGPTBackend:
         key = project_key(project)
         controls = controls_of(label_config)
         self._start_backfill(key, controls)
-        version, prompts = self.bank.prompts(key, list(controls), self.settings.num_prompts)
-        current = version_string(self.fingerprint, version)
-        if not any(prompts.values()):
+        choice = self.selector.select(key, list(controls), len(tasks), lambda i, k: self._query_image(tasks[i], k))
+        current = version_string(self.fingerprint, choice.version)
+        if not choice.has_prompts():
             reason = BACKFILLING if key in self._backfilling else NO_PROMPTS
             return [_empty(current, reason) for _ in tasks]
         predictor = self._load()
-        return [self._predict_task(task, controls, prompts, predictor, current) for task in tasks]
+        return [self._predict_task(task, controls, prompts, choice.tuned, predictor, current)
+                for task, prompts in zip(tasks, choice.prompts)]
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
         """Apply a webhook event to the prompt bank; returns what happened, for the response.
@@ -148,30 +153,36 @@ class SegGPTBackend:
             config = project.get("label_config") if isinstance(project, dict) else None
             if not config:
                 return {"status": "ignored", "reason": "the webhook payload carries no project label_config"}
-            return self._add_annotations(key, data, list(controls_of(config)))
+            return self._add_annotations(key, data, config)
         if event == "ANNOTATIONS_DELETED":
             ids = [a["id"] for a in data.get("annotations") or []]
             return self._changed(key, self.bank.remove_annotations(key, ids))
         if event == "TASKS_DELETED":
             return self._changed(key, self.bank.remove_tasks(key, [t["id"] for t in data.get("tasks") or []]))
         # START_TRAINING: a background tune job (joined if one is active); answered at once
-        job, created = self.jobs.submit(key, "tune")
+        config = project.get("label_config") if isinstance(project, dict) else None
+        job, created = self.jobs.submit(key, "tune", {"trigger": "start_training", "label_config": config}
+                                        if config else {"trigger": "start_training"})
         return {"status": job["status"] if created else "joined", "job": job["id"],
                 "message": job.get("reason") or job["message"], "model_version": self.model_version(key)}
 
     # -- internals -----------------------------------------------------------------------
-    def _add_annotations(self, key: str, data: dict, controls: list[ControlSpec]) -> dict:
+    def _add_annotations(self, key: str, data: dict, config: str) -> dict:
+        controls = list(controls_of(config))
         annotations, tasks = data.get("annotation"), data.get("task")
         if isinstance(annotations, dict):  # single-annotation events
             annotations, tasks = [annotations], [tasks]
         by_id = {t.get("id"): t for t in tasks or [] if isinstance(t, dict)}
-        version = None
+        version, changed = None, 0
         for annotation in annotations or []:
             task = by_id.get(annotation.get("task"))
             if task is None:
                 log.warning("annotation %s of project %s arrived without its task", annotation.get("id"), key)
                 continue
-            version = self.bank.add_annotation(key, task, annotation, controls) or version
+            added = self.bank.add_annotation(key, task, annotation, controls)
+            version, changed = added or version, changed + (added is not None)
+        if count_corrections(self.store, key, changed, self.settings.tune_every_n_corrections):
+            self.jobs.submit(key, "tune", {"trigger": "corrections", "label_config": config})  # joins an active one
         return self._changed(key, version)
 
     def _changed(self, key: str, version: int | None) -> dict:
@@ -179,11 +190,11 @@ class SegGPTBackend:
                 "model_version": self.model_version(key)}
 
     def _predict_task(self, task: dict, controls: tuple[ControlSpec, ...], prompts: dict[str, list[Prompt]],
-                      predictor: SegGPTPredictor, current: str) -> dict:
+                      tuned: dict[str, TunedPrompt], predictor: SegGPTPredictor, current: str) -> dict:
         images = {}
         results: list[dict] = []
         for control in controls:
-            if not prompts.get(control.name):
+            if not prompts.get(control.name) and control.name not in tuned:
                 continue
             try:
                 if control.value_key not in images:
@@ -195,12 +206,25 @@ class SegGPTBackend:
                 log.warning("task %s not predicted: %s", task.get("id"), exc)
                 return _empty(current, f"the task image could not be read: {exc}")
             with self._model_lock:
-                out = predictor.predict(images[control.value_key], prompts[control.name],
-                                        num_labels=len(control.labels), seg_type="instance")
+                out = predictor.predict(images[control.value_key], prompts.get(control.name, []),
+                                        num_labels=len(control.labels), seg_type="instance",
+                                        tuned=tuned.get(control.name))
             results += label_map_to_results(out.label_map, out.scores, control,
                                             min_area=self.settings.min_region_area,
                                             polygon_max_points=self.settings.polygon_max_points)
         return {"result": results, "score": prediction_score(results), "model_version": current}
+
+    def predictor(self) -> SegGPTPredictor:
+        """The model, loaded on first use; prompt tuning runs on the same one."""
+        return self._load()
+
+    def _query_image(self, task: dict, key: str):
+        """A task's image for prompt selection; None when unreadable (predicting says why)."""
+        url = (task.get("data") or {}).get(key)
+        try:
+            return self.bank.media.load_image(url, task_id=task.get("id")) if isinstance(url, str) and url else None
+        except MediaError:
+            return None
 
     def _load(self) -> SegGPTPredictor:
         with self._model_lock:

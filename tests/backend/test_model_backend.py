@@ -112,10 +112,10 @@ def test_batch_prediction_is_one_entry_per_task_in_order(backend, image_server, 
     assert len(predictions) == 3
     assert any(p["result"] for p in predictions)  # the random model does paint regions
     control = parse_label_config(brush_config)[0]
-    version, prompts = backend.bank.prompts("1", [control], k=2)  # NUM_PROMPTS=2: the two newest
-    assert len(prompts["tag"]) == 2
     for prediction, task, size in zip(predictions, tasks, sizes):
         query = backend.bank.media.load_image(task["data"]["image"])
+        [prompts] = backend.selector.select("1", [control], 1, lambda i, key: query).prompts  # the 2 most similar
+        assert len(prompts["tag"]) == 2  # NUM_PROMPTS=2 of the 3 annotated tasks
         direct = predictor.predict(query, prompts["tag"], num_labels=2)
         expected = label_map_to_results(direct.label_map, direct.scores, control, min_area=1)
         assert without_ids(prediction)["result"] == without_ids({"result": expected})["result"]
