@@ -177,10 +177,8 @@ def test_retrieval_picks_the_most_similar_entry(settings, store, bank, image_ser
 
     similar = selector.select(PROJECT, controls, 1, lambda i, key: image)
     assert similar.picked == [{"tag": [2]}] and similar.version == store.version(PROJECT)
-    entry = store.entry(PROJECT, 2)
-    got_image, got_map = similar.prompts[0]["tag"][0]
+    got_image, got_map = similar.prompts[0]["tag"][0]  # task 2's image and label map
     assert got_map.shape == (48, 64) and (got_map > 0).sum() == 64 * 20 and got_image.size == (64, 48)
-    assert entry is not None
     assert selector.select(PROJECT, controls, 1, lambda i, key: None).picked == [{"tag": [3]}]  # the newest
     store.update_settings(PROJECT, {"prompt_selection": "recent"})
     assert selector.select(PROJECT, controls, 1, lambda i, key: image).picked == [{"tag": [3]}]

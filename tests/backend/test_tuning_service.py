@@ -116,6 +116,22 @@ def test_start_training_tunes_in_the_background_and_every_replica_serves_the_pro
     assert strip(mine) == strip({"result": expected})
 
 
+def test_a_tune_job_stopped_mid_run_promotes_nothing(settings, store, backend, image_server, brush_config) -> None:
+    backend.settings = settings = replace(settings, tune_min_gain=-1.0)  # it would be promoted if it finished
+    annotate(backend, image_server, brush_config, range(1, 6))
+    version = store.version(PROJECT)
+    job = backend.fit("START_TRAINING", {"project": {"id": 1, "label_config": brush_config}})
+
+    def stop_at_step_two(record: dict) -> None:
+        if record.get("done") == 2:
+            backend.jobs.fail(job["job"], "stopped by an operator")
+
+    assert backend.jobs.run(job["job"], settings, hook=stop_at_step_two) is None  # it noticed at its next step
+    record = backend.jobs.get(job["job"])
+    assert record["status"] == "failed" and record["reason"] == "stopped by an operator" and record["done"] == 2
+    assert store.version(PROJECT) == version and store.tuned_prompt(PROJECT) is None
+
+
 def test_tuned_prompt_alone_or_ensembled_per_project_setting(settings, store, backend, predictor, image_server,
                                                              brush_config) -> None:
     annotate(backend, image_server, brush_config, range(1, 4))
