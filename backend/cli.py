@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
 import uvicorn
 
 from backend.app import create_app
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.exit(2, f"seggpt-backend: bad configuration: {exc}\n")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)  # job processes fork from here and inherit it
     if args.command != "serve":
         parser.exit(args.run(settings, args))
     try:

@@ -52,6 +52,7 @@ class Settings:
     tune_bf16: str = "auto"  # auto: where the device supports it
     tune_min_gain: float = 0.01  # held-out mean IoU a tuned prompt must add to be promoted
     tune_every_n_corrections: int = 0  # 0: tuning only on request
+    torch_threads: int | None = None  # None: torch's default (all cores); 1 suits machines shared with other work
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -103,6 +104,7 @@ class Settings:
             tune_bf16=parse("TUNE_BF16", _choice("auto", "true", "false"), "auto"),
             tune_min_gain=parse("TUNE_MIN_GAIN", _gain, 0.01),
             tune_every_n_corrections=parse("TUNE_EVERY_N_CORRECTIONS", _int_at_least(0), 0),
+            torch_threads=parse("TORCH_THREADS", _int_at_least(1), None),
         )
 
 

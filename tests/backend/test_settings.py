@@ -94,3 +94,13 @@ def test_settings_are_frozen():
     s = Settings.from_env({})
     with pytest.raises(AttributeError):
         s.num_prompts = 9  # type: ignore[misc]
+
+
+def test_torch_threads_setting():
+    from backend.settings import Settings
+
+    assert Settings.from_env({}).torch_threads is None
+    assert Settings.from_env({"TORCH_THREADS": "1"}).torch_threads == 1
+    import pytest
+    with pytest.raises(ValueError, match="TORCH_THREADS"):
+        Settings.from_env({"TORCH_THREADS": "0"})
