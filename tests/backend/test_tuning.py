@@ -1,6 +1,7 @@
 """Prompt tuning and prompt selection on a tiny random-weight SegGPT, real Redis and real HTTP."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -182,3 +183,19 @@ def test_retrieval_picks_the_most_similar_entry(settings, store, bank, image_ser
     assert selector.select(PROJECT, controls, 1, lambda i, key: None).picked == [{"tag": [3]}]  # the newest
     store.update_settings(PROJECT, {"prompt_selection": "recent"})
     assert selector.select(PROJECT, controls, 1, lambda i, key: image).picked == [{"tag": [3]}]
+
+
+def test_tuning_and_selection_settings_from_the_environment() -> None:
+    s = Settings.from_env({"TUNE_STEPS": "30", "TUNE_LR": "0.05", "TUNE_BATCH": "2", "TUNE_BF16": "TRUE",
+                           "TUNE_MIN_GAIN": "0.02", "TUNE_EVERY_N_CORRECTIONS": "10", "PROMPT_SELECTION": "recent",
+                           "TUNED_PROMPT": "alone"})
+    assert (s.tune_steps, s.tune_lr, s.tune_batch, s.tune_bf16, s.tune_min_gain, s.tune_every_n_corrections,
+            s.prompt_selection, s.tuned_prompt) == (30, 0.05, 2, "true", 0.02, 10, "recent", "alone")
+    d = Settings.from_env({})
+    assert (d.tune_steps, d.tune_lr, d.tune_batch, d.tune_bf16, d.tune_min_gain, d.tune_every_n_corrections,
+            d.prompt_selection, d.tuned_prompt) == (100, 0.1, 4, "auto", 0.01, 0, "similar", "ensemble")
+    for name, value, problem in [("TUNE_STEPS", "0", "at least 1"), ("TUNE_LR", "-1", "positive"),
+                                 ("TUNE_MIN_GAIN", "2", "within [-1, 1]"), ("PROMPT_SELECTION", "best", "one of"),
+                                 ("TUNE_BF16", "maybe", "one of"), ("TUNE_EVERY_N_CORRECTIONS", "x", "integer")]:
+        with pytest.raises(ValueError, match=f"{name}: .*{re.escape(problem)}"):
+            Settings.from_env({name: value})
