@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.events import checked_event
 from backend.ls_client import LabelStudioClient
-from backend.model import PROMPT_EVENTS, LabelConfigError, SegGPTBackend, project_key
+from backend.model import DEMO_WARNING, PROMPT_EVENTS, LabelConfigError, SegGPTBackend, project_key
 from backend.prelabel import BATCH_SIZE
 from backend.security import BasicAuthMiddleware, BodyLimitMiddleware
 from backend.settings import Settings
@@ -99,8 +99,12 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
     def health() -> dict:
         """200 even without Redis: Label Studio then calls /setup, whose 503 it shows as the reason."""
         redis_ok = backend.store.ping()
-        return {"status": "UP" if redis_ok else "DEGRADED", "model_class": backend.model_class,
-                "model_loaded": backend.model_loaded, "redis": "ok" if redis_ok else "unreachable"}
+        state = {"status": "UP" if redis_ok else "DEGRADED", "model_class": backend.model_class,
+                 "model_loaded": backend.model_loaded, "redis": "ok" if redis_ok else "unreachable",
+                 "demo_model": backend.demo}
+        if backend.demo:
+            state["warning"] = DEMO_WARNING
+        return state
 
     @app.post("/setup")
     async def setup(body: SetupRequest) -> dict:

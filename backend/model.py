@@ -25,7 +25,7 @@ from backend.store import PromptStore, model_version as version_string
 from backend.tuning import count_corrections
 from seggpt_model import SegGPTPredictor, load_seggpt
 from seggpt_model.tuning import TunedPrompt
-from seggpt_model.weights import read_config, resolve_source
+from seggpt_model.weights import DEMO_WEIGHTS, read_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ NO_PROMPTS = ("no annotated examples yet: annotate a few tasks (brush, polygon o
 BACKFILLING = "no prompts yet: the project's existing annotations are being read from Label Studio; retry shortly"
 PROMPT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
                            "ANNOTATIONS_DELETED", "TASKS_DELETED"})  # webhooks that change the bank
+DEMO_WARNING = ("SEGGPT_WEIGHTS=demo: serving the small bundled demo model trained on generated shapes; "
+                "its pre-labels are a demonstration, not SegGPT ViT-L quality")
 SAMPLE_BYTES = 1 << 20  # head and tail of a checkpoint that identify it
 
 
@@ -91,6 +93,10 @@ class SegGPTBackend:
         self.client = client
         self._predictor = predictor
         self.fingerprint = predictor.fingerprint if predictor else weights_fingerprint(settings.seggpt_weights)
+        self.demo = bool(getattr(predictor.model, "is_demo", False)) if predictor else (
+            resolve_source(settings.seggpt_weights) == DEMO_WEIGHTS)
+        if self.demo:
+            log.warning(DEMO_WARNING)
         self._model_lock = threading.Lock()
         self._backfilling: set[str] = set()
 

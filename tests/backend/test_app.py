@@ -81,7 +81,8 @@ def setup(client: TestClient, config: str) -> str:
 def test_health(client) -> None:
     response = client.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "UP", "model_class": "SegGPTBackend", "model_loaded": True, "redis": "ok"}
+    assert response.json() == {"status": "UP", "model_class": "SegGPTBackend", "model_loaded": True, "redis": "ok",
+                               "demo_model": False}
 
 
 def test_setup_returns_the_version_predict_uses(client, image_server, brush_config) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from backend.app import create_app
@@ -406,8 +406,20 @@ def test_fuzz_webhooks(fuzz: Fuzz, caplog) -> None:
                                      "annotations": st.lists(st.fixed_dictionaries({"id": st.integers(1000, 10**6)})),
                                      "tasks": st.lists(st.fixed_dictionaries({"id": st.integers(1000, 10**6)}))})
 
+    def explicit(kind: str, value: dict) -> dict:  # every refusal category at least once, whatever is generated
+        return {"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": BRUSH},
+                "task": {"id": 7777, "data": {"image": DATA_URL}},
+                "annotation": {"id": 1001, "task": 7777, "result": [
+                    {"from_name": "tag", "to_name": "image", "type": kind, "value": value}]}}
+
     @settings(FUZZ, max_examples=60)
     @given(body=annotated)
+    @example(body=explicit("rectanglelabels", {"x": float("nan"), "y": 0, "width": 10, "height": 10,
+                                               "rectanglelabels": ["Cat"]}))
+    @example(body=explicit("polygonlabels", {"points": [[0, 0]], "polygonlabels": ["Cat"]}))
+    @example(body=explicit("brushlabels", {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["Cat"]}))
+    @example(body=explicit("brushlabels", {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["Unknown"]}))
+    @example(body=explicit("choices", {"choices": ["Cat"]}))
     def run_annotated(body: dict) -> None:
         response = fuzz.send_json("webhook", "POST", "/webhook", body)
         assert response.status_code == 200 and response.json()["status"] == "accepted"
