@@ -5,7 +5,7 @@ foreground pixels weighted (--fg-weight),
 AdamW with warm-up and a cosine schedule.  Deterministic by seed: episode i of step s is
 ``make_episode(seed * 10**7 + s * batch + i)``; evaluation seeds live in another range.
 
-    python scripts/train_demo.py --steps 1800 --lr 2e-4 --seed 0 --bf16 --out runs/demo
+    python scripts/train_demo.py --steps 1500 --lr 3e-4 --seed 0 --bf16 --threads 1 --out runs/demo
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ EPISODE_SIZE = 128
 
 
 class Episodes(torch.utils.data.IterableDataset):
-    def __init__(self, seed: int, batch: int, start_step: int, size: int) -> None:
+    def __init__(self, seed: int, batch: int, start_step: int, size: int, query_mask_prob: float) -> None:
         self.seed, self.batch, self.start, self.size = seed, batch, start_step, size
+        self.query_mask_prob = query_mask_prob
 
     def __iter__(self):
         step = self.start
@@ -39,7 +40,7 @@ class Episodes(torch.utils.data.IterableDataset):
             eps = [make_episode(base + i, size=EPISODE_SIZE) for i in range(self.batch)]
             rng = np.random.default_rng(base)
             imgs, tgts = episode_canvases(eps, self.size, rng)
-            yield imgs, tgts, training_mask(len(eps), DEMO_CONFIG.grid, rng)
+            yield imgs, tgts, training_mask(len(eps), DEMO_CONFIG.grid, rng, self.query_mask_prob)
             step += 1
 
 
@@ -51,18 +52,24 @@ def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--checkpoint-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 avoids OpenMP stalls on a machine busy with other work)")
     ap.add_argument("--stop-at", type=int, default=None, help="end early at this step, schedule unchanged")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (AMX on CPU, tensor cores on GPU)")
-    ap.add_argument("--fg-weight", type=float, default=3.0, help="loss weight of foreground target pixels")
+    ap.add_argument("--fg-weight", type=float, default=5.0, help="loss weight of foreground target pixels")
+    ap.add_argument("--query-mask-prob", type=float, default=0.6,
+                    help="share of samples with the whole query half masked; the rest get random masks")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = SegGPT(DEMO_CONFIG).to(args.device).train()
@@ -70,7 +77,7 @@ def main() -> None:
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.999))
-    loader = torch.utils.data.DataLoader(Episodes(args.seed, args.batch, 0, DEMO_CONFIG.image_size),
+    loader = torch.utils.data.DataLoader(Episodes(args.seed, args.batch, 0, DEMO_CONFIG.image_size, args.query_mask_prob),
                                          batch_size=None, num_workers=1, prefetch_factor=4)
     log = open(out / "loss.jsonl", "w")
     t0 = time.time()
