@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SEGGPT_WEIGHTS ?= BAAI/seggpt-vit-large
+SEGGPT_WEIGHTS ?= demo
 export SEGGPT_WEIGHTS
 
 HOST ?= 0.0.0.0

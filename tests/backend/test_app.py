@@ -294,3 +294,13 @@ def test_health_and_setup_answer_while_predictions_run(live_server, image_server
     assert len(answers) == PREDICT_THREADS + 2
     assert all(a.status_code == 200 and a.json()["results"][0]["result"] for a in answers)
 
+
+
+def test_demo_model_is_announced(tmp_path, store, caplog) -> None:
+    """SEGGPT_WEIGHTS=demo serves the bundled checkpoint, and says so in the log and in /health."""
+    settings = Settings(model_dir=tmp_path, device="cpu", seggpt_weights="demo")
+    with caplog.at_level("WARNING", logger="backend"):
+        app = create_app(settings, SegGPTBackend(settings, store))
+    assert "demo model" in caplog.text
+    body = TestClient(app).get("/health").json()
+    assert body["demo_model"] is True and "demo model" in body["warning"] and body["model_loaded"] is False
