@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Iterator
 
 import redis
@@ -26,20 +27,42 @@ from backend.store import PromptStore, connect
 log = logging.getLogger(__name__)
 
 STOP_WAIT_S = 10  # how long ``serve`` waits for its worker at each shutdown step
+RECONNECT_S = 1.0  # how often a worker that lost Redis tries it again
 
 
 def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> bool:
     """Work the job queue until stopped (or, with ``burst``, until it is empty).
 
     SIGTERM lets the current job finish; a second one stops it (it resumes when triggered again).
+    Redis lost during a job ends that job (it is marked failed); the worker waits for Redis and works on.
     """
     client = connect(settings)  # with the embedded Redis: start it, or join the one serve runs
     connection = (redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) if settings.redis_url
                   else rq_connection(client))
     queue = JobQueue(PromptStore(connection), connection).queue
-    worker = Worker([queue], connection=connection, name=name, serializer=JSONSerializer,
-                    work_horse_killed_handler=_horse_killed)
-    return worker.work(burst=burst, logging_level=settings.log_level)
+    while True:
+        worker = Worker([queue], connection=connection, name=name, serializer=JSONSerializer,
+                        work_horse_killed_handler=_horse_killed)
+        try:
+            return worker.work(burst=burst, logging_level=settings.log_level)
+        except redis.ConnectionError as exc:
+            # RQ retries a lost Redis while idle but quits when it is lost during a job: wait and work on
+            log.warning("lost the connection to Redis (%s); working again once it answers", type(exc).__name__)
+            _wait_for_redis(connection)
+            with contextlib.suppress(redis.RedisError):
+                worker.register_death()  # frees the name for the next registration
+
+
+def _wait_for_redis(connection: redis.Redis) -> None:
+    """Block until Redis answers; SIGTERM/SIGINT stop the process meanwhile (no job is running)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    while True:
+        try:
+            if connection.ping():
+                return
+        except redis.RedisError:
+            time.sleep(RECONNECT_S)
 
 
 def _horse_killed(job: Job, pid: int, status: int, rusage: object) -> None:
