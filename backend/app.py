@@ -25,7 +25,7 @@ from backend.model import DEMO_WARNING, PROMPT_EVENTS, LabelConfigError, SegGPTB
 from backend.prelabel import BATCH_SIZE
 from backend.security import BasicAuthMiddleware, BodyLimitMiddleware
 from backend.settings import Settings
-from backend.state_api import state_routes
+from backend.state_api import project_or_422, state_routes
 from backend.tuning_api import tuning_routes
 from backend.store import PromptStore
 from seggpt_model import WeightsError
@@ -147,13 +147,13 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
     @app.post("/projects/{project}/prelabel", status_code=202)
     async def prelabel(project: str, body: PrelabelRequest | None = None) -> dict:
         """Queue pre-labeling of the whole project (or join the one under way): not bound by /predict's 100 s."""
-        key = _project_or_422(project)
+        key = project_or_422(project)
         job, created = await _call(backend.jobs.submit, key, "prelabel", (body or PrelabelRequest()).model_dump())
         return {**job, "joined": not created}
 
     @app.get("/projects/{project}/jobs")
     async def project_jobs(project: str) -> dict:
-        return {"jobs": await _call(backend.jobs.jobs, _project_or_422(project))}
+        return {"jobs": await _call(backend.jobs.jobs, project_or_422(project))}
 
     @app.get("/jobs/{job_id}")
     async def job(job_id: str) -> dict:
@@ -166,12 +166,6 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
     app.include_router(tuning_routes(backend, _call))
     return app
 
-
-def _project_or_422(project: str) -> str:
-    try:
-        return project_key(project)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
 
 
 async def _call(fn: Callable[..., Any], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> Any:

@@ -31,14 +31,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     worker.set_defaults(run=_worker)
 
     prelabel = commands.add_parser("prelabel", help="predict every unlabeled task of a project into Label Studio")
-    prelabel.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    prelabel.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     prelabel.add_argument("--inline", action="store_true", help="run here instead of on a worker")
     prelabel.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"tasks per batch (default {BATCH_SIZE})")
     prelabel.add_argument("--no-follow", action="store_true", help="print the job id and return at once")
     prelabel.set_defaults(run=_prelabel)
 
     jobs = commands.add_parser("jobs", help="list a project's jobs, newest first")
-    jobs.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    jobs.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     jobs.set_defaults(run=_jobs)
 
     job = commands.add_parser("job", help="show one job's record as JSON")
@@ -46,7 +46,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     job.set_defaults(run=_job)
 
 
-def _project(value: str) -> str:
+def project_arg(value: str) -> str:
+    """``project_key`` for argparse: a bad id is a usage error, not a traceback."""
     try:
         return project_key(value)
     except ValueError as exc:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import redis
 
-from backend.model import project_key, weights_fingerprint
+from backend.job_commands import project_arg
+from backend.model import weights_fingerprint
 from backend.packs import ModelIdentity, export_pack, import_pack
 from backend.settings import Settings
 from backend.store import PromptStore, UnknownVersion, model_version
@@ -24,21 +25,21 @@ from seggpt_model.weights import read_config
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register the subcommands; each sets ``run(settings, args) -> exit status``."""
     export = commands.add_parser("export", help="write a project's prompt state as a prompt pack (zip)")
-    export.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    export.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     export.add_argument("--out", required=True, type=Path, help="pack file to write")
     export.set_defaults(run=_export)
 
     load = commands.add_parser("import", help="make a prompt pack a project's prompt state (one new version)")
-    load.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    load.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     load.add_argument("file", type=Path, help="pack file to read")
     load.set_defaults(run=_import)
 
     versions = commands.add_parser("versions", help="list a project's kept prompt-state versions, newest first")
-    versions.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    versions.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     versions.set_defaults(run=_versions)
 
     rollback = commands.add_parser("rollback", help="make a new version equal to a kept one")
-    rollback.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    rollback.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     rollback.add_argument("--version", required=True, type=int, help="the version to restore")
     rollback.set_defaults(run=_rollback)
 
@@ -98,9 +99,3 @@ def _answer(run) -> int:
         print(f"seggpt-backend: the prompt store (Redis) is unavailable ({type(exc).__name__})", file=sys.stderr)
     return 1
 
-
-def _project(value: str) -> str:
-    try:
-        return project_key(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None

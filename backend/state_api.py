@@ -35,7 +35,7 @@ def state_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
 
     @router.get("/projects/{project}/versions")
     async def versions(project: str) -> dict:
-        key = _project(project)
+        key = project_or_422(project)
         history = await call(store.history, key)
         current = history[0]["version"] if history else await call(store.version, key)
         return {"project": key, "version": current, "model_version": model_version(backend.fingerprint, current),
@@ -45,7 +45,7 @@ def state_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
 
     @router.post("/projects/{project}/rollback")
     async def rollback(project: str, body: RollbackRequest) -> dict:
-        key = _project(project)
+        key = project_or_422(project)
         version = await call(_client_errors(store.rollback), key, body.version)
         current = version if version is not None else await call(store.version, key)
         return {"status": "rolled_back" if version is not None else "unchanged", "restored": body.version,
@@ -53,7 +53,7 @@ def state_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
 
     @router.get("/projects/{project}/pack")
     async def download(project: str) -> Response:
-        key = _project(project)
+        key = project_or_422(project)
         data, version = await call(_client_errors(lambda: export_pack(store, key, _identity(backend))))
         name = f"seggpt-project-{key}-v{version}.zip"
         return Response(data, media_type="application/zip",
@@ -61,7 +61,7 @@ def state_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
 
     @router.post("/projects/{project}/pack")
     async def upload(project: str, request: Request) -> dict:
-        key = _project(project)
+        key = project_or_422(project)
         data = await _pack_bytes(request)
         result = await call(_client_errors(lambda: import_pack(store, key, data, _identity(backend))))
         return {"status": "imported", "project": key, **result}
@@ -73,7 +73,8 @@ def _identity(backend: SegGPTBackend) -> ModelIdentity:
     return ModelIdentity(backend.fingerprint, backend.model_config())
 
 
-def _project(project: str) -> str:
+def project_or_422(project: str) -> str:
+    """``project_key`` for a path parameter: a bad id is a 422 naming the problem."""
     try:
         return project_key(project)
     except ValueError as exc:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from backend.jobs import ACTIVE, JobQueue
 from backend.ls_client import LabelStudioClient, LabelStudioError
-from backend.model import project_key
+from backend.job_commands import project_arg
 from backend.quality import project_report, report_chart
 from backend.settings import Settings
 from backend.store import PromptStore
@@ -28,7 +28,7 @@ POLL_S = 0.5
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Register ``tune`` and ``report``; each sets ``run(settings, args) -> exit status``."""
     tune = commands.add_parser("tune", help="tune a project's prompt now (promoted only if it labels better)")
-    tune.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    tune.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     tune.add_argument("--label-config", type=Path, help="the project's label config XML (default: read from "
                                                          "Label Studio)")
     tune.add_argument("--inline", action="store_true", help="run here instead of on a worker")
@@ -37,16 +37,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     tune.set_defaults(run=_tune)
 
     report = commands.add_parser("report", help="pre-label quality per model version, from Label Studio")
-    report.add_argument("--project", required=True, type=_project, help="Label Studio project id")
+    report.add_argument("--project", required=True, type=project_arg, help="Label Studio project id")
     report.add_argument("--out", type=Path, help="write report.json and report.png into this folder")
     report.set_defaults(run=_report)
 
-
-def _project(value: str) -> str:
-    try:
-        return project_key(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _tune(settings: Settings, args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ from typing import Any, Awaitable, Callable
 from fastapi import APIRouter, Body, HTTPException, Response
 
 from backend.ls_client import LabelStudioError
-from backend.model import SegGPTBackend, project_key
+from backend.model import SegGPTBackend
+from backend.state_api import project_or_422
 from backend.prompting import prompt_settings
 from backend.quality import project_report, report_chart
 from backend.store import model_version
@@ -35,11 +36,11 @@ def tuning_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
 
     @router.get("/projects/{project}/settings")
     async def get_settings(project: str) -> dict:
-        return await call(settings_view, _project(project))
+        return await call(settings_view, project_or_422(project))
 
     @router.put("/projects/{project}/settings")
     async def put_settings(project: str, changes: Any = Body(...)) -> dict:
-        key = _project(project)
+        key = project_or_422(project)
         version = await call(_client_errors(store.update_settings), key, changes)
         return {**await call(settings_view, key), "changed": version is not None}
 
@@ -53,7 +54,7 @@ def tuning_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
     async def report(project: str) -> dict:
         if backend.client is None:
             raise HTTPException(503, NEEDS_LABEL_STUDIO)
-        return await call(_client_errors(project_report), backend.client, int(_project(project)))
+        return await call(_client_errors(project_report), backend.client, int(project_or_422(project)))
 
     @router.get("/projects/{project}/report")
     async def report_json(project: str) -> dict:
@@ -67,12 +68,6 @@ def tuning_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
 
     return router
 
-
-def _project(project: str) -> str:
-    try:
-        return project_key(project)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
 
 
 def _client_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
