@@ -74,19 +74,20 @@ def _prelabel(settings: Settings, args: argparse.Namespace) -> int:
         show = _bar_updater(bar)
         if not created:
             print(f"{record['id']} is already {record['status']}; following it", file=sys.stderr)
-            record = _follow(jobs, record["id"], show)
+            record = follow_job(jobs, record["id"], show)
             if record.get("reason") == LOST:  # it had died (say, a killed run): do the work now
                 record, created = jobs.submit(args.project, "prelabel", params, inline=args.inline)
                 bar.set_description(record["id"])
         if created and args.inline:
             record = jobs.run(record["id"], settings, hook=show) or record
         elif record["status"] in ACTIVE:
-            record = _follow(jobs, record["id"], show)
+            record = follow_job(jobs, record["id"], show)
     print(f"{record['id']}: {record['status']}: {record.get('reason') or record.get('message', '')}")
     return 0 if record["status"] == "finished" else 1
 
 
-def _follow(jobs: JobQueue, job_id: str, show: Callable[[dict], None]) -> dict:
+def follow_job(jobs: JobQueue, job_id: str, show: Callable[[dict], None]) -> dict:
+    """Poll a job record until it ends, showing each state; hint when no worker picks it up."""
     waiting_said = False
     while True:
         record = jobs.get(job_id)

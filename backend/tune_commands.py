@@ -9,20 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from backend.jobs import ACTIVE, JobQueue
+from backend.jobs import JobQueue
 from backend.ls_client import LabelStudioClient, LabelStudioError
-from backend.job_commands import project_arg
+from backend.job_commands import follow_job, project_arg
 from backend.quality import project_report, report_chart
 from backend.settings import Settings
 from backend.store import PromptStore
 from backend.tuning import loss_chart_key
 
-POLL_S = 0.5
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -66,7 +64,7 @@ def _tune(settings: Settings, args: argparse.Namespace) -> int:
         if created and args.inline:
             record = jobs.run(record["id"], settings, hook=show) or record
         else:
-            record = _follow(jobs, record["id"], show)
+            record = follow_job(jobs, record["id"], show)
     result = record.get("result") or {}
     print(f"{record['id']}: {record['status']}: {record.get('reason') or record.get('message', '')}")
     for name, c in result.get("controls", {}).items():
@@ -80,17 +78,6 @@ def _tune(settings: Settings, args: argparse.Namespace) -> int:
         if png:
             (args.out / "loss.png").write_bytes(png)
     return 0 if record["status"] == "finished" else 1
-
-
-def _follow(jobs: JobQueue, job_id: str, show) -> dict:
-    while True:
-        record = jobs.get(job_id)
-        if record is None:
-            raise SystemExit(f"seggpt-backend: job {job_id} disappeared")
-        show(record)
-        if record["status"] not in ACTIVE:
-            return record
-        time.sleep(POLL_S)
 
 
 def _report(settings: Settings, args: argparse.Namespace) -> int:

