@@ -412,26 +412,6 @@ class PromptStore:
     def mark_backfilled(self, project: str) -> None:
         self.redis.set(self._key(project, "backfilled"), str(time.time()))
 
-    # -- training jobs -----------------------------------------------------------------
-    def record_job(self, project: str, kind: str, status: str, message: str) -> dict:
-        """Persist a job record (JSON) and list it under its project, newest first."""
-        job_id = f"{kind}-{self.redis.incr(f'{self.ns}:job-seq')}"
-        job = {"id": job_id, "project": project, "kind": kind, "status": status,
-               "message": message, "created_at": time.time()}
-        with self.redis.pipeline() as pipe:  # MULTI/EXEC: record and index together
-            pipe.set(f"{self.ns}:job:{job_id}", json.dumps(job))
-            pipe.lpush(self._key(project, "jobs"), job_id)
-            pipe.execute()
-        return job
-
-    def job(self, job_id: str) -> dict | None:
-        raw = self.redis.get(f"{self.ns}:job:{job_id}")
-        return json.loads(raw) if raw else None
-
-    def jobs(self, project: str) -> list[dict]:
-        ids = [i.decode() for i in self.redis.lrange(self._key(project, "jobs"), 0, -1)]
-        return [j for j in map(self.job, ids) if j]
-
     # -- internals ---------------------------------------------------------------------
     def _commit(self, project: str, plan: Callable[[Pipeline, PromptState], tuple[PromptState, dict] | None],
                 watch: Iterable[str] = (), also: Callable[[Pipeline], object] | None = None) -> int | None:

@@ -1,7 +1,6 @@
 """PromptStore on a real (embedded) Redis: entries, versions, atomicity, jobs, connect()."""
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -164,16 +163,6 @@ def test_snapshot_never_mixes_versions(redis_client: redis.Redis) -> None:
     thread.join()
     assert all(version == count for version, count in seen)
     assert reader.snapshot("1", ["tag"], k=1000)[0] == 60
-
-
-def test_jobs_are_json_records_listed_newest_first(store: PromptStore, redis_client: redis.Redis) -> None:
-    first = store.record_job("4", "tune", status="not_implemented", message="m1")
-    second = store.record_job("4", "tune", status="not_implemented", message="m2")
-    assert first["id"] != second["id"]
-    assert store.job(first["id"]) == first
-    assert [j["message"] for j in store.jobs("4")] == ["m2", "m1"]
-    assert json.loads(redis_client.get(f"seggpt:job:{first['id']}"))["project"] == "4"
-    assert store.job("nope") is None
 
 
 def test_backfill_claim_is_exclusive(store: PromptStore) -> None:

@@ -17,6 +17,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
+from backend.jobs import JobQueue
 from backend.store import PromptStore
 
 LABELS = ("Square", "Disc")
@@ -264,9 +265,9 @@ def test_start_training_reaches_the_backend(ls_api: httpx.Client, project: Proje
     client, and the backend records a job for the project. (LS answers 200 whatever the
     backend replied, and re-checks /health and /setup on every read of the backend row, so
     its TRAINING/ERROR state cannot be observed through the API.)"""
-    jobs_before = prompt_store.jobs(str(project.id))
+    jobs_before = JobQueue(prompt_store).jobs(str(project.id))
     response = ls_api.post(f"/api/ml/{project.ml_backend_id}/train", json={})
     assert 200 <= response.status_code < 300, response.text[:500]
-    jobs = prompt_store.jobs(str(project.id))
+    jobs = JobQueue(prompt_store).jobs(str(project.id))
     assert len(jobs) == len(jobs_before) + 1, jobs
     assert jobs[0]["project"] == str(project.id)
