@@ -47,7 +47,7 @@ class Settings:
     prompt_selection: str = "similar"  # which K bank entries prompt a query: similar | recent
     tuned_prompt: str = "ensemble"  # a tuned prompt alone, or ensembled with selected examples
     tune_steps: int = 100
-    tune_lr: float = 0.1
+    tune_lr: float = 0.03
     tune_batch: int = 4
     tune_bf16: str = "auto"  # auto: where the device supports it
     tune_min_gain: float = 0.01  # held-out mean IoU a tuned prompt must add to be promoted
@@ -99,7 +99,7 @@ class Settings:
             prompt_selection=parse("PROMPT_SELECTION", _choice("similar", "recent"), "similar"),
             tuned_prompt=parse("TUNED_PROMPT", _choice("ensemble", "alone"), "ensemble"),
             tune_steps=parse("TUNE_STEPS", _int_at_least(1), 100),
-            tune_lr=parse("TUNE_LR", _positive_float, 0.1),
+            tune_lr=parse("TUNE_LR", _positive_float, 0.03),
             tune_batch=parse("TUNE_BATCH", _int_at_least(1), 4),
             tune_bf16=parse("TUNE_BF16", _choice("auto", "true", "false"), "auto"),
             tune_min_gain=parse("TUNE_MIN_GAIN", _gain, 0.01),

@@ -64,7 +64,7 @@ def projects(pred: SegGPTPredictor, n_projects: int, sizes: list[int], steps: in
                    for q in queries]
         score("similar-4", similar, test, num_labels)
         for n in sizes:
-            tuner = PromptTuner(pred.model, TuningConfig(steps=steps, lr=0.1, batch_size=4, seed=p))
+            tuner = PromptTuner(pred.model, TuningConfig(steps=steps, seed=p))
             tuned = tuner.tune(bank[:n], bank[0]).prompt
             score(f"tuned-{n}", pred.predict_batch(queries, tuned=tuned, num_labels=num_labels), test, num_labels)
             score(f"tuned-{n}+similar-3", [

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seggpt_model import SegGPT, SegGPTConfig, save_checkpoint
+from seggpt_model import SegGPT, SegGPTConfig, load_seggpt, save_checkpoint
 from seggpt_model.episodes import make_episode
 from seggpt_model.training import (episode_canvases, foreground_weights, patch_mask_to_pixels, seggpt_loss,
                                    training_mask)
@@ -29,15 +29,16 @@ EPISODE_SIZE = 128
 
 
 class Episodes(torch.utils.data.IterableDataset):
-    def __init__(self, seed: int, batch: int, start_step: int, size: int, query_mask_prob: float) -> None:
+    def __init__(self, seed: int, batch: int, start_step: int, size: int, query_mask_prob: float,
+                 absent_prob: float) -> None:
         self.seed, self.batch, self.start, self.size = seed, batch, start_step, size
-        self.query_mask_prob = query_mask_prob
+        self.query_mask_prob, self.absent_prob = query_mask_prob, absent_prob
 
     def __iter__(self):
         step = self.start
         while True:
             base = self.seed * 10 ** 7 + step * self.batch
-            eps = [make_episode(base + i, size=EPISODE_SIZE) for i in range(self.batch)]
+            eps = [make_episode(base + i, size=EPISODE_SIZE, absent_prob=self.absent_prob) for i in range(self.batch)]
             rng = np.random.default_rng(base)
             imgs, tgts = episode_canvases(eps, self.size, rng)
             yield imgs, tgts, training_mask(len(eps), DEMO_CONFIG.grid, rng, self.query_mask_prob)
@@ -64,6 +65,10 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int, default=None, help="end early at this step, schedule unchanged")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (AMX on CPU, tensor cores on GPU)")
     ap.add_argument("--fg-weight", type=float, default=5.0, help="loss weight of foreground target pixels")
+    ap.add_argument("--fg-weight-end", type=float, default=None,
+                    help="anneal the foreground weight linearly to this by the last step (default: constant)")
+    ap.add_argument("--absent-prob", type=float, default=0.1, help="share of episodes without the target in the query")
+    ap.add_argument("--init", default=None, help="start from this checkpoint (a second stage; new cosine cycle)")
     ap.add_argument("--query-mask-prob", type=float, default=0.6,
                     help="share of samples with the whole query half masked; the rest get random masks")
     args = ap.parse_args()
@@ -72,12 +77,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = SegGPT(DEMO_CONFIG).to(args.device).train()
+    model = SegGPT(DEMO_CONFIG)
+    if args.init:
+        model.load_state_dict(load_seggpt(args.init).state_dict())  # strict: must be the demo shape
+    model = model.to(args.device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.999))
-    loader = torch.utils.data.DataLoader(Episodes(args.seed, args.batch, 0, DEMO_CONFIG.image_size, args.query_mask_prob),
+    loader = torch.utils.data.DataLoader(Episodes(args.seed, args.batch, 0, DEMO_CONFIG.image_size, args.query_mask_prob,
+                                                  args.absent_prob),
                                          batch_size=None, num_workers=1, prefetch_factor=4)
     log = open(out / "loss.jsonl", "w")
     t0 = time.time()
@@ -91,8 +100,10 @@ def main() -> None:
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
             pred = model(imgs, tgts, bool_masked_pos=masked)
         weights = patch_mask_to_pixels(masked, DEMO_CONFIG.grid, DEMO_CONFIG.patch_size)
-        if args.fg_weight != 1:
-            weights = weights * foreground_weights(tgts, args.fg_weight)
+        fg_weight = args.fg_weight if args.fg_weight_end is None else (
+            args.fg_weight + (args.fg_weight_end - args.fg_weight) * step / max(1, args.steps - 1))
+        if fg_weight != 1:
+            weights = weights * foreground_weights(tgts, fg_weight)
         loss = seggpt_loss(pred, tgts, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()

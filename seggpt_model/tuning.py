@@ -16,7 +16,7 @@ from safetensors.torch import load, save
 
 from . import processing as P
 from .modeling import IMAGENET_MEAN, IMAGENET_STD, SegGPT
-from .training import seggpt_loss
+from .training import foreground_weights, seggpt_loss
 
 
 @dataclass
@@ -56,13 +56,14 @@ class TunedPrompt:
 @dataclass
 class TuningConfig:
     steps: int = 100
-    lr: float = 0.1  # the SegGPT authors advise a large rate for prompt tuning
+    lr: float = 0.03  # 0.1 (the SegGPT authors' large rate) over-fits a few examples: benchmarks/quality.py
     batch_size: int = 4
     weight_decay: float = 0.0
     seed: int = 0
-    augment: bool = True
+    augment: bool = False  # crops change object scale; on the quality benchmark tuning did better without
     bf16: bool = False  # autocast where the device supports it
     seg_type: str = "instance"
+    fg_weight: float = 3.0  # loss weight of labelled pixels: small objects otherwise tune towards "all black"
 
 
 @dataclass
@@ -121,7 +122,8 @@ class PromptTuner:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     pred = self.model(canvas.to(dtype), target.to(dtype), bool_masked_pos=masked,
                                       seg_type=int(cfg.seg_type == "instance"))
-                loss = seggpt_loss(pred, target, pixel_mask)
+                weights = pixel_mask if cfg.fg_weight == 1 else pixel_mask * foreground_weights(target, cfg.fg_weight)
+                loss = seggpt_loss(pred, target, weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

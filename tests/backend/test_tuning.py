@@ -193,7 +193,7 @@ def test_tuning_and_selection_settings_from_the_environment() -> None:
             s.prompt_selection, s.tuned_prompt) == (30, 0.05, 2, "true", 0.02, 10, "recent", "alone")
     d = Settings.from_env({})
     assert (d.tune_steps, d.tune_lr, d.tune_batch, d.tune_bf16, d.tune_min_gain, d.tune_every_n_corrections,
-            d.prompt_selection, d.tuned_prompt) == (100, 0.1, 4, "auto", 0.01, 0, "similar", "ensemble")
+            d.prompt_selection, d.tuned_prompt) == (100, 0.03, 4, "auto", 0.01, 0, "similar", "ensemble")
     for name, value, problem in [("TUNE_STEPS", "0", "at least 1"), ("TUNE_LR", "-1", "positive"),
                                  ("TUNE_MIN_GAIN", "2", "within [-1, 1]"), ("PROMPT_SELECTION", "best", "one of"),
                                  ("TUNE_BF16", "maybe", "one of"), ("TUNE_EVERY_N_CORRECTIONS", "x", "integer")]:

@@ -21,12 +21,20 @@ def examples():
 def test_tuning_lowers_the_loss_and_never_touches_the_model(tiny_model, examples):
     train, init = examples
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    res = PromptTuner(tiny_model, TuningConfig(steps=40, lr=0.1, batch_size=4, augment=False)).tune(train, init)
+    res = PromptTuner(tiny_model, TuningConfig(steps=40, lr=0.1, batch_size=4, fg_weight=1.0)).tune(train, init)
     assert len(res.losses) == 40 and res.completed
     assert np.mean(res.losses[-5:]) < 0.95 * np.mean(res.losses[:5])
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert all(p.requires_grad for p in tiny_model.parameters())  # flags restored
     assert res.prompt.image.shape == (3, 64, 64) and res.prompt.mask.shape == (3, 64, 64)
+
+
+def test_foreground_weight_raises_the_cost_of_missed_labels(tiny_model, examples):
+    """The random model misses the bright label colours most, so weighting them up raises the loss."""
+    train, init = examples
+    losses = [PromptTuner(tiny_model, TuningConfig(steps=1, fg_weight=w)).tune(train, init).losses[0]
+              for w in (1.0, 3.0, 10.0)]
+    assert losses[0] < losses[1] < losses[2]
 
 
 def test_tuning_is_seed_deterministic_with_augmentation(tiny_model, examples):
