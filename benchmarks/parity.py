@@ -1,6 +1,10 @@
 """Max abs difference between this SegGPT and Hugging Face's, with identical random weights.
 
-    python benchmarks/parity.py [--vit-large]
+    python benchmarks/parity.py [--vit-large] [--labels N]
+
+``--labels N`` also measures how well label maps from the bf16 fast path agree with the fp32
+reference path (mean IoU against it) on N held-out quality episodes, for the demo model and
+a random-weight ViT-L.
 """
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import argparse
 import torch
 from transformers import SegGptConfig, SegGptForImageSegmentation
 
-from seggpt_model import SegGPTConfig
+from seggpt_model import SegGPTConfig, SegGPTPredictor, load_seggpt
+from seggpt_model.episodes import EVAL_SEED, make_episode
+from seggpt_model.metrics import label_agreement
 from seggpt_model.testing import random_model
 from seggpt_model.weights import hf_config, official_to_hf_key
 
@@ -37,6 +43,8 @@ def compare(config: SegGPTConfig, n: int, embedding_type: str) -> tuple[float, f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vit-large", action="store_true", help="also the full ViT-L shape (about a minute)")
+    ap.add_argument("--labels", type=int, default=0, metavar="N",
+                    help="bf16 fast vs fp32 reference label maps on N episodes (ViT-L: about 25 s each)")
     args = ap.parse_args()
     small = SegGPTConfig(img_size=(224, 112), patch_size=16, embed_dim=256, depth=24, num_heads=4,
                          decoder_embed_dim=32, pretrain_grid=7)
@@ -49,6 +57,20 @@ def main() -> None:
             for et in ("instance", "semantic"):
                 diff, std = compare(cfg, n, et)
                 print(f"{name:8} {n:5} {et:9} {diff:13.2e} {std:10.3f}")
+    if args.labels:
+        labels(args.labels)
+
+
+def labels(n: int) -> None:
+    episodes = [make_episode(EVAL_SEED + i, absent_prob=0.0, num_prompts=1 + i % 3) for i in range(n)]
+    print(f"\n{'model':12} {'episodes':>8} {'mean IoU':>9} {'min IoU':>8}   (bf16 fast vs fp32 reference)")
+    for name, load in (("demo", lambda: load_seggpt("demo")), ("ViT-L random", lambda: random_model(SegGPTConfig.vit_large()))):
+        model = load()
+        ref = SegGPTPredictor(model, fast=False)
+        low = SegGPTPredictor(load(), dtype=torch.bfloat16)
+        scores = label_agreement(ref, low, episodes)
+        print(f"{name:12} {n:8} {sum(scores) / n:9.4f} {min(scores):8.4f}", flush=True)
+        del model, ref, low
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from seggpt_model import SegGPTPredictor, load_seggpt
-from seggpt_model.episodes import make_episode, make_project
+from seggpt_model.episodes import EVAL_SEED, PROJECT_SEED, make_episode, make_project
 from seggpt_model.metrics import mean_iou
 from seggpt_model.retrieval import embed_image, most_similar
 from seggpt_model.tuning import PromptTuner, TuningConfig
 
-EVAL_SEED, PROJECT_SEED = 10 ** 9, 2 * 10 ** 9
 FP_AREA = 0.01  # an absent-target query counts as a false positive above 1 % predicted foreground
 
 
@@ -90,7 +89,7 @@ def main() -> None:
     report["absent-target false-positive rate"] = false_positives(pred, args.episodes)
     report["shifted-domain mIoU"] = projects(pred, args.projects, [5, 10, 20], args.tune_steps, args.held_out)
     report["wall_s"] = round(time.time() - t0)
-    print(f"\n| measure | value |\n|---|---|")
+    print("\n| measure | value |\n|---|---|")
     for k, v in report["train-domain mIoU"].items():
         print(f"| train domain, {k} mIoU | {v:.3f} |")
     print(f"| absent target, false-positive rate | {report['absent-target false-positive rate']:.3f} |")

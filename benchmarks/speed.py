@@ -109,7 +109,7 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--child", impl, dtype, "--repeats", str(args.repeats),
                                    "--cases", args.cases, "--config", args.config], capture_output=True, text=True, check=True)
             results[(impl, dtype)] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"matmul peak (4096^3): " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items()))
+    print("matmul peak (4096^3): " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items()))
     print(f"{'case':7} {'impl':5} {'dtype':5} {'s/query':>8} {'vs HF':>6} {'% peak':>7} {'peak RSS MB':>11}")
     rows = []
     for case in cases:

@@ -18,6 +18,8 @@ SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "hexagon",
 TEXTURES = ("solid", "stripes", "dots", "checker", "noise", "waves")
 COLOURS = np.array([(220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 30), (200, 60, 200),
                     (30, 200, 210), (240, 130, 20), (240, 240, 240), (20, 20, 20), (140, 90, 50)], np.uint8)
+EVAL_SEED = 10 ** 9  # held-out episodes start here; training draws seeds below 10**8
+PROJECT_SEED = 2 * 10 ** 9  # held-out shifted-domain projects
 DOMAINS = {
     "train": dict(shapes=SHAPES[:6], textures=TEXTURES[:5]),
     "shifted": dict(shapes=SHAPES[6:], textures=TEXTURES[:3] + TEXTURES[5:]),

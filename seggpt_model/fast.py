@@ -6,6 +6,7 @@
   per prompt; only attention itself (whose keys include each prompt) runs per prompt.
 - The decoder runs only on the query rows plus the one prompt patch row that the 3x3
   convolution reads at the boundary.
+- Attention builds the relative-position bias a band of query rows at a time.
 - Weights are used in whatever dtype the model holds (bf16 on AMX CPUs and GPUs), with no
   per-op autocast copies.
 """
@@ -13,16 +14,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+from timm.models.vision_transformer_sam import get_rel_pos
 
 from .modeling import SegGPT, SegGPTBlock
+
+ATTENTION_BAND = 256  # query rows per attention band: ~7 patch rows of ViT-L, an L2-sized bias
 
 
 class FastPainter:
     """Paint Q queries in context of K shared prompts: ``painter(p_img, p_mask, queries)``."""
 
-    def __init__(self, model: SegGPT) -> None:
+    def __init__(self, model: SegGPT, band: int = ATTENTION_BAND) -> None:
         self.model = model.eval()
+        self.band = band
         cfg = model.config
         self.gh, self.gw = cfg.grid
         self.half = self.gh // 2  # patch rows per half
@@ -69,17 +73,34 @@ class FastPainter:
         np_ = prompt.shape[1]
         heads, hd = attn.num_heads, c // attn.num_heads
         qkv = torch.cat([attn.qkv(blk.norm1(prompt)), attn.qkv(blk.norm1(query)).repeat_interleave(k, 0)], 1)
-        n = np_ + nq
-        qh, kh, vh = qkv.view(g * k, n, 3, heads, hd).permute(2, 0, 3, 1, 4).reshape(3, g * k * heads, n, hd)
-        bias = get_decomposed_rel_pos_bias(qh, attn.rel_pos_h, attn.rel_pos_w, (self.gh, self.gw), (self.gh, self.gw))
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
-        out = out.view(g * k, heads, n, hd).transpose(1, 2).reshape(g * k, n, c)
+        out = self._attention(qkv.view(g * k, np_ + nq, 3, heads, hd), attn.rel_pos_h, attn.rel_pos_w)
         out_q = out[:, np_:].view(g, k, nq, c).mean(1)  # the ensemble: proj is linear, so average first
         prompt = prompt + attn.proj(out[:, :np_])
         query = query + attn.proj(out_q)
         prompt = prompt + blk.mlp(blk.norm2(prompt))
         query = query + blk.mlp(blk.norm2(query))
         return prompt, query
+
+    def _attention(self, qkv: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor) -> torch.Tensor:
+        """(B, N, 3, heads, hd) -> (B, N, heads * hd): attention with decomposed relative positions.
+
+        The (N, N) bias per head is the sum of a row term and a column term; it is built and
+        used a band of query rows at a time, so it stays in cache instead of making an
+        (B * heads, N, N) round trip through memory (SDPA, exact).
+        """
+        b, n, _, heads, hd = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, hd) views
+        gh, gw = self.gh, self.gw
+        grid_q = q.reshape(b, heads, gh, gw, hd)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, get_rel_pos(gh, gh, rel_pos_h)).reshape(b, heads, n, gh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, get_rel_pos(gw, gw, rel_pos_w)).reshape(b, heads, n, gw)
+        out = q.new_empty(b, n, heads, hd)
+        band = max(1, self.band // gw) * gw
+        for s in range(0, n, band):
+            e = min(n, s + band)
+            bias = (rel_h[:, :, s:e, :, None] + rel_w[:, :, s:e, None, :]).view(b, heads, e - s, n)
+            out[:, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k, v, attn_mask=bias).transpose(1, 2)
+        return out.view(b, n, heads * hd)
 
     def _decode(self, edge: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """Decoder on [last prompt patch row; query rows]; the extra row only feeds the 3x3 conv."""

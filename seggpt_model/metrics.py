@@ -19,3 +19,17 @@ def mean_iou(pred: np.ndarray, truth: np.ndarray, num_labels: int) -> float:
         if union:
             ious.append(np.logical_and(p, t).sum() / union)
     return float(np.mean(ious)) if ious else 1.0
+
+
+def label_agreement(reference, candidate, episodes) -> list[float]:
+    """Per episode, the mean IoU of ``candidate``'s label map against ``reference``'s.
+
+    Both are predictors (``.predict(query, prompts, num_labels=...)``); this is how a faster
+    or lower-precision path is shown to give the same labels as the reference one.
+    """
+    scores = []
+    for ep in episodes:
+        a = reference.predict(ep.query_image, ep.prompts, num_labels=ep.num_labels).label_map
+        b = candidate.predict(ep.query_image, ep.prompts, num_labels=ep.num_labels).label_map
+        scores.append(mean_iou(b, a, ep.num_labels))
+    return scores

@@ -27,29 +27,27 @@ CONFIGS = {
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("k,q", [(1, 1), (3, 1), (2, 3)])
 @pytest.mark.parametrize("seg_type", [0, 1])
-def test_fast_equals_reference_in_fp32(config, k, q, seg_type):
+@pytest.mark.parametrize("band", [256, 12])  # one attention band, or uneven bands of a few patch rows
+def test_fast_equals_reference_in_fp32(config, k, q, seg_type, band):
     model = random_model(CONFIGS[config])
     s = model.config.image_size
     g = torch.Generator().manual_seed(k * 10 + q)
     p_img, p_mask = torch.randn(k, 3, s, s, generator=g), torch.randn(k, 3, s, s, generator=g)
     queries = torch.randn(q, 3, s, s, generator=g)
     ref = reference(model, p_img, p_mask, queries, seg_type)
-    fast = FastPainter(model)(p_img, p_mask, queries, seg_type=seg_type)
+    fast = FastPainter(model, band=band)(p_img, p_mask, queries, seg_type=seg_type)
     assert ref.std() > 0.05
     assert (fast - ref).abs().max() < 1e-4
 
 
-def test_bf16_fast_label_maps_agree_with_fp32_reference(tiny_model):
-    import numpy as np
-    from seggpt_model.episodes import make_episode
-    from seggpt_model.metrics import mean_iou
+def test_bf16_fast_labels_match_fp32_reference_on_demo_episodes():
+    """The issue's bar: IoU >= 0.99 between bf16 fast and fp32 reference label maps (demo model)."""
+    from seggpt_model import load_seggpt
+    from seggpt_model.episodes import EVAL_SEED, make_episode
+    from seggpt_model.metrics import label_agreement
 
-    ref = SegGPTPredictor(tiny_model, fast=False)
-    low = SegGPTPredictor(random_model(), dtype=torch.bfloat16)
-    agree = []
-    for i in range(4):
-        ep = make_episode(i, size=64, num_prompts=2)
-        a = ref.predict(ep.query_image, ep.prompts, num_labels=2).label_map
-        b = low.predict(ep.query_image, ep.prompts, num_labels=2).label_map
-        agree.append((a == b).mean())
-    assert np.mean(agree) > 0.9  # random tiny weights amplify rounding; the benchmark checks real models
+    ref = SegGPTPredictor(load_seggpt("demo"), fast=False)
+    low = SegGPTPredictor(load_seggpt("demo"), dtype=torch.bfloat16)
+    episodes = [make_episode(EVAL_SEED + i, absent_prob=0.0, num_prompts=1 + i % 3) for i in range(24)]
+    scores = label_agreement(ref, low, episodes)
+    assert sum(scores) / len(scores) >= 0.99 and min(scores) >= 0.9
