@@ -5,7 +5,7 @@ Cases: one (prompt, query) pair; K = 4 prompts for one query (feature ensemble);
 measured in the reference).  Each (implementation, dtype) runs in its own process so peak
 RSS is its own; random weights (speed does not depend on values).  Reports seconds per
 query (median), the ratio to HF, the share of this machine's bf16/fp32 matmul peak (measured
-in the same run) and peak RSS.
+in the same run; K prompts count as K pairs of work) and peak RSS, and what K = 4 costs over one pair.
 
     python benchmarks/speed.py [--repeats 2] [--cases pair,k4,batch4] [--impls ours,hf] [--json out.json]
 """
@@ -124,9 +124,14 @@ def main() -> None:
                 rows.append({"case": case, "impl": impl, "dtype": dtype, "s_per_query": med, "vs_hf": ratio,
                              "pct_peak": pct, "peak_rss_mb": r["peak_rss_mb"]})
                 print(f"{case:7} {impl:5} {dtype:5} {med:8.2f} {ratio:5.2f}x {pct:6.1f}% {r['peak_rss_mb']:11.0f}")
+    med = {(r["case"], r["impl"], r["dtype"]): r["s_per_query"] for r in rows}
+    ensemble_cost = {f"{impl} {dtype}": med[("k4", impl, dtype)] / med[("pair", impl, dtype)]
+                     for (case, impl, dtype) in med if case == "pair" and ("k4", impl, dtype) in med}
+    for name, ratio in ensemble_cost.items():
+        print(f"K=4 prompts / one pair, {name}: {ratio:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peaks_gflops": peaks, "rows": rows}, f, indent=2)
+            json.dump({"peaks_gflops": peaks, "rows": rows, "k4_over_pair": ensemble_cost}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 from urllib.parse import quote
 
-import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient

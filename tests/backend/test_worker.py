@@ -105,7 +105,7 @@ def test_worker_process_runs_the_job_the_cli_follows(store, env, spawn, project,
     assert capsys.readouterr().out.split()[:4] == [job_id, "prelabel", "finished", "100%"]
     with pytest.raises(SystemExit) as exit_:
         main(["job", job_id])
-    assert exit_.value.code == 0 and f'"status": "finished"' in capsys.readouterr().out
+    assert exit_.value.code == 0 and '"status": "finished"' in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         main(["job", "prelabel-999"])
     assert exit_.value.code == 1 and "no job 'prelabel-999'" in capsys.readouterr().err

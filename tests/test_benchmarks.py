@@ -1,0 +1,36 @@
+"""The benchmarks still run end to end (smallest settings; their figures are not asserted here)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT, env=env,
+                   capture_output=True, timeout=600)
+
+
+def test_speed_benchmark_reports_every_case_and_the_ensemble_cost(tmp_path):
+    out = tmp_path / "speed.json"
+    run("speed.py", "--config", "tiny", "--repeats", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    cases = {(r["case"], r["impl"], r["dtype"]) for r in report["rows"]}
+    assert cases == {(c, i, d) for c in ("pair", "k4", "batch4") for i in ("ours", "hf") for d in ("fp32", "bf16")}
+    assert all(r["s_per_query"] > 0 and r["peak_rss_mb"] > 0 for r in report["rows"])
+    assert set(report["k4_over_pair"]) == {"ours fp32", "hf fp32", "ours bf16", "hf bf16"}
+
+
+def test_quality_benchmark_reports_every_measure(tmp_path):
+    out = tmp_path / "quality.json"
+    run("quality.py", "--episodes", "3", "--projects", "1", "--held-out", "2", "--tune-steps", "2", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["train-domain mIoU"]) == {"1-shot", "2-shot", "4-shot", "8-shot"}
+    assert 0 <= report["absent-target false-positive rate"] <= 1
+    assert {"one-shot", "tuned-5", "tuned-10", "tuned-20"} <= set(report["shifted-domain mIoU"])
+    assert all(0 <= v <= 1 for v in report["shifted-domain mIoU"].values())
