@@ -8,6 +8,9 @@ query (median), the ratio to HF, the share of this machine's bf16/fp32 matmul pe
 in the same run; K prompts count as K pairs of work) and peak RSS, and what K = 4 costs over one pair.
 
     python benchmarks/speed.py [--repeats 2] [--cases pair,k4,batch4] [--impls ours,hf] [--json out.json]
+
+``--impls ours,ours-compile,hf`` adds the fast path under torch.compile (inductor; compile time
+is excluded, it is spent in the warm-up run of each case).
 """
 from __future__ import annotations
 
@@ -51,10 +54,12 @@ def child(impl: str, dtype_name: str, cases: list[str], repeats: int, config: st
     model = random_model(getattr(SegGPTConfig, config)())
     s = model.config.image_size
     bf16 = dtype_name == "bf16"
-    if impl == "ours":
+    if impl.startswith("ours"):
         if bf16:
             model = model.to(torch.bfloat16)
         painter = FastPainter(model)
+        if impl == "ours-compile":  # compiled per (K, Q) shape by its warm-up run
+            painter = torch.compile(painter.__call__, dynamic=False)
 
         def run(k, q, x):
             return painter(x["p_img"][:k], x["p_mask"][:k], x["q"][:q])
@@ -78,7 +83,7 @@ def child(impl: str, dtype_name: str, cases: list[str], repeats: int, config: st
     g = torch.Generator().manual_seed(1)
     x = {name: torch.randn(4, 3, s, s, generator=g) for name in ("p_img", "p_mask", "q")}
     out = {"impl": impl, "dtype": dtype_name, "cases": {}}
-    with torch.inference_mode():
+    with torch.no_grad() if impl == "ours-compile" else torch.inference_mode():  # compile cannot trace the latter
         for case in cases:
             k, q = CASES[case]
             run(k, q, x)  # warm-up
@@ -110,7 +115,7 @@ def main() -> None:
                                    "--cases", args.cases, "--config", args.config], capture_output=True, text=True, check=True)
             results[(impl, dtype)] = json.loads(proc.stdout.strip().splitlines()[-1])
     print("matmul peak (4096^3): " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items()))
-    print(f"{'case':7} {'impl':5} {'dtype':5} {'s/query':>8} {'vs HF':>6} {'% peak':>7} {'peak RSS MB':>11}")
+    print(f"{'case':7} {'impl':12} {'dtype':5} {'s/query':>8} {'vs HF':>6} {'% peak':>7} {'peak RSS MB':>11}")
     rows = []
     for case in cases:
         k, _ = CASES[case]
@@ -123,7 +128,7 @@ def main() -> None:
                 pct = 100 * PAIR_GFLOP * k / med / peaks[dtype] if args.config == "vit_large" else float("nan")
                 rows.append({"case": case, "impl": impl, "dtype": dtype, "s_per_query": med, "vs_hf": ratio,
                              "pct_peak": pct, "peak_rss_mb": r["peak_rss_mb"]})
-                print(f"{case:7} {impl:5} {dtype:5} {med:8.2f} {ratio:5.2f}x {pct:6.1f}% {r['peak_rss_mb']:11.0f}")
+                print(f"{case:7} {impl:12} {dtype:5} {med:8.2f} {ratio:5.2f}x {pct:6.1f}% {r['peak_rss_mb']:11.0f}")
     med = {(r["case"], r["impl"], r["dtype"]): r["s_per_query"] for r in rows}
     ensemble_cost = {f"{impl} {dtype}": med[("k4", impl, dtype)] / med[("pair", impl, dtype)]
                      for (case, impl, dtype) in med if case == "pair" and ("k4", impl, dtype) in med}

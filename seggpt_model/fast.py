@@ -36,7 +36,7 @@ class FastPainter:
         proj = self.model.patch_embed.proj
         return F.conv2d(x, proj.weight, proj.bias, stride=proj.stride).permute(0, 2, 3, 1)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: torch.compile can trace no_grad
     def __call__(self, p_img: torch.Tensor, p_mask: torch.Tensor, queries: torch.Tensor,
                  seg_type: int = 1) -> torch.Tensor:
         """(K, 3, S, S) prompts, (Q, 3, S, S) queries, all normalised -> (Q, 3, S, S) query paintings."""
