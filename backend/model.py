@@ -235,9 +235,9 @@ class SegGPTBackend:
     def _load(self) -> SegGPTPredictor:
         with self._model_lock:
             if self._predictor is None:
-                log.info("loading SegGPT weights (device %s)", self.settings.device)
+                log.info("loading SegGPT weights (device %s, dtype %s)", self.settings.device, self.settings.dtype)
                 model = load_seggpt(self.settings.seggpt_weights)
-                self._predictor = SegGPTPredictor(model, device=self.settings.device)
+                self._predictor = SegGPTPredictor(model, device=self.settings.device, dtype=self.settings.dtype)
             return self._predictor
 
     def _start_backfill(self, key: str, controls: tuple[ControlSpec, ...]) -> None:

@@ -28,6 +28,7 @@ class Settings:
     label_studio_api_key: str | None = field(default=None, repr=False)
     seggpt_weights: str | None = None
     device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 where the device computes it natively (AVX-512 bf16, AMX, CUDA)
     model_dir: Path = Path("./model_dir")
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
@@ -80,6 +81,7 @@ class Settings:
             label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
             seggpt_weights=get("SEGGPT_WEIGHTS"),
             device=parse("DEVICE", _device, "auto"),
+            dtype=parse("DTYPE", _choice("auto", "bf16", "fp32"), "auto"),
             model_dir=Path(get("MODEL_DIR") or "./model_dir"),
             basic_auth_user=user,
             basic_auth_pass=password,

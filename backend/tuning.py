@@ -33,6 +33,7 @@ from backend.prompting import pack_tuned, prompt_settings, unpack_tuned
 from backend.settings import Settings
 from backend.store import PromptState, PromptStore
 from seggpt_model import SegGPTPredictor
+from seggpt_model.predictor import supports_bf16
 from seggpt_model.metrics import mean_iou
 from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig
 
@@ -175,12 +176,7 @@ def use_bf16(setting: str, device: torch.device) -> bool:
     """``auto``: bf16 autocast on CUDA devices with bf16, and on CPUs with native bf16 (AVX-512)."""
     if setting != "auto":
         return setting == "true"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return supports_bf16(device)
 
 
 class ProjectTuner:

@@ -23,16 +23,21 @@ from seggpt_model.tuning import PromptTuner, TuningConfig
 FP_AREA = 0.01  # an absent-target query counts as a false positive above 1 % predicted foreground
 
 
-def k_shot(pred: SegGPTPredictor, n: int, ks: list[int]) -> dict[str, float]:
-    out = {}
+def k_shot(pred: SegGPTPredictor, n: int, ks: list[int]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean IoU per K, and the 1-shot figure by kind of episode (classes, look-alike distractors)."""
+    out, kinds = {}, {}
     for k in ks:
         scores = []
         for i in range(n):
             ep = make_episode(EVAL_SEED + i, absent_prob=0.0, num_prompts=k)
             res = pred.predict(ep.query_image, ep.prompts, num_labels=ep.num_labels)
             scores.append(mean_iou(res.label_map, ep.query_labels, ep.num_labels))
+            if k == 1:
+                kind = f"{ep.num_labels} class{'es' if ep.num_labels > 1 else ''}, " + \
+                    ("distractors" if ep.distractors else "no distractors")
+                kinds.setdefault(kind, []).append(scores[-1])
         out[f"{k}-shot"] = float(np.mean(scores))
-    return out
+    return out, {f"{kind} (n={len(v)})": float(np.mean(v)) for kind, v in sorted(kinds.items())}
 
 
 def false_positives(pred: SegGPTPredictor, n: int) -> float:
@@ -85,13 +90,15 @@ def main() -> None:
     t0 = time.time()
     pred = SegGPTPredictor(load_seggpt(args.weights), device="auto")
     report = {"weights": args.weights, "episodes": args.episodes, "projects": args.projects}
-    report["train-domain mIoU"] = k_shot(pred, args.episodes, [1, 2, 4, 8])
+    report["train-domain mIoU"], report["train-domain 1-shot by kind"] = k_shot(pred, args.episodes, [1, 2, 4, 8])
     report["absent-target false-positive rate"] = false_positives(pred, args.episodes)
     report["shifted-domain mIoU"] = projects(pred, args.projects, [5, 10, 20], args.tune_steps, args.held_out)
     report["wall_s"] = round(time.time() - t0)
     print("\n| measure | value |\n|---|---|")
     for k, v in report["train-domain mIoU"].items():
         print(f"| train domain, {k} mIoU | {v:.3f} |")
+    for k, v in report["train-domain 1-shot by kind"].items():
+        print(f"| train domain, 1-shot, {k} | {v:.3f} |")
     print(f"| absent target, false-positive rate | {report['absent-target false-positive rate']:.3f} |")
     for k, v in report["shifted-domain mIoU"].items():
         print(f"| shifted domain, {k} mIoU | {v:.3f} |")

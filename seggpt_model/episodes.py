@@ -42,6 +42,7 @@ class Episode:
     num_labels: int
     target_present: bool
     extra_prompts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    distractors: bool = False  # whether the task draws look-alike objects of other classes
 
     @property
     def prompts(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -196,7 +197,8 @@ def make_episode(seed: int, size: int = 128, domain: str = "train", absent_prob:
     p_img, p_lab = task.scene(size)
     q_img, q_lab = task.scene(size, present)
     extra = [task.scene(size) for _ in range(num_prompts - 1)]
-    return Episode(p_img, p_lab, q_img, q_lab, len(task.targets), bool(present and q_lab.any()), extra)
+    return Episode(p_img, p_lab, q_img, q_lab, len(task.targets), bool(present and q_lab.any()), extra,
+                   task.distractor_prob > 0)
 
 
 def make_project(seed: int, n: int, size: int = 128, domain: str = "shifted",

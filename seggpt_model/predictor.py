@@ -29,6 +29,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def supports_bf16(device: torch.device) -> bool:
+    """Native bf16 matmuls: CUDA GPUs with bf16, CPUs with AVX-512 bf16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None: bf16 where the device computes it natively, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if supports_bf16(device) else torch.float32
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
 class SegGPTPredictor:
     """Segment queries in context of K >= 1 (image, label map) prompts.
 
@@ -37,12 +58,12 @@ class SegGPTPredictor:
     """
 
     def __init__(self, model: SegGPT, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, batch_size: int = 8, fast: bool = True) -> None:
+                 dtype: str | torch.dtype = torch.float32, batch_size: int = 8, fast: bool = True) -> None:
         self.device = resolve_device(device)
-        self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.fingerprint = model_fingerprint(model)  # before the cast: the same weights, one id in any dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.batch_size = batch_size
-        self.fingerprint = model_fingerprint(self.model)
         self._fast = FastPainter(self.model) if fast else None
 
     @property

@@ -24,6 +24,7 @@ def test_values_are_parsed(tmp_path):
             "LABEL_STUDIO_URL": "http://ls.example:8080/",
             "LABEL_STUDIO_API_KEY": "abc",
             "DEVICE": "CUDA:1",
+            "DTYPE": "BF16",
             "MODEL_DIR": str(tmp_path / "m"),
             "BASIC_AUTH_USER": "u",
             "BASIC_AUTH_PASS": "p",
@@ -40,7 +41,7 @@ def test_values_are_parsed(tmp_path):
         }
     )
     assert s.label_studio_url == "http://ls.example:8080"
-    assert s.device == "cuda:1"
+    assert (s.device, s.dtype) == ("cuda:1", "bf16")
     assert s.log_level == "DEBUG"
     assert s.local_files_document_root == tmp_path.resolve()
     assert s.allowed_media_hosts == ("cdn.example.com", "images.example.org:8443")
@@ -50,7 +51,7 @@ def test_values_are_parsed(tmp_path):
 
 def test_empty_values_count_as_unset():
     s = Settings.from_env({"NUM_PROMPTS": "", "DEVICE": "  ", "LABEL_STUDIO_URL": ""})
-    assert (s.num_prompts, s.device, s.label_studio_url) == (4, "auto", None)
+    assert (s.num_prompts, s.device, s.dtype, s.label_studio_url) == (4, "auto", "auto", None)
 
 
 def test_secrets_stay_out_of_repr():
@@ -65,6 +66,7 @@ def test_secrets_stay_out_of_repr():
         ("LABEL_STUDIO_URL", "ftp://ls.example"),
         ("LABEL_STUDIO_URL", "http://user:pw@ls.example"),
         ("DEVICE", "tpu"),
+        ("DTYPE", "fp16"),
         ("LOG_LEVEL", "chatty"),
         ("LOCAL_FILES_DOCUMENT_ROOT", "/"),
         ("LOCAL_FILES_DOCUMENT_ROOT", "/definitely/not/here"),

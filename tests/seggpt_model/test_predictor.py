@@ -8,6 +8,7 @@ from PIL import Image
 
 from seggpt_model import SegGPTPredictor
 from seggpt_model import processing as P
+from seggpt_model.testing import random_model
 
 
 def scene(seed: int, h: int = 60, w: int = 90):
@@ -72,6 +73,19 @@ def test_bf16_agrees_with_fp32(tiny_model):
     model16.load_state_dict(tiny_model.state_dict())
     low = SegGPTPredictor(model16, dtype=torch.bfloat16).predict(q, [(img, lm)]).label_map
     assert (low == ref).mean() > 0.9
+
+
+def test_dtype_choice_and_one_fingerprint_per_weights(tiny_model):
+    from seggpt_model.predictor import resolve_dtype, supports_bf16
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if supports_bf16(cpu) else torch.float32)
+    assert (resolve_dtype("fp32", cpu), resolve_dtype("bf16", cpu)) == (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("fp16", cpu)
+    full = SegGPTPredictor(tiny_model, dtype="fp32")
+    half = SegGPTPredictor(random_model(), dtype="bf16")  # same seed, same weights
+    assert half.model.pos_embed.dtype == torch.bfloat16 and half.fingerprint == full.fingerprint
 
 
 def test_num_labels_widens_the_palette(tiny_model):
