@@ -61,15 +61,39 @@ def main() -> None:
         labels(args.labels)
 
 
+def spread_head(model, episodes) -> None:
+    """Scale a random model's last 1x1 conv so its painting spans the colour range.
+
+    Random ViT-L weights paint a nearly flat grey that decodes to empty label maps, where
+    agreement proves nothing; spread to unit std (about the palette's spacing) the maps are
+    full of labels that depend on every layer, and bf16 rounding is amplified, not hidden.
+    """
+    pred = SegGPTPredictor(model, fast=False)
+    ep = episodes[0]
+    p_img, p_mask, _ = pred.prepare_prompts(ep.prompts[:1])
+    query = p_img[:1]  # any canvas will do: only the output's spread is measured
+    painted = pred.paint(query, p_img, p_mask)
+    head = model.decoder_pred[-1]
+    with torch.no_grad():
+        centre, spread = painted.mean(dim=(0, 2, 3)), painted.std()
+        head.weight /= spread
+        head.bias.copy_((head.bias - centre) / spread + centre)
+
+
 def labels(n: int) -> None:
     episodes = [make_episode(EVAL_SEED + i, absent_prob=0.0, num_prompts=1 + i % 3) for i in range(n)]
-    print(f"\n{'model':12} {'episodes':>8} {'mean IoU':>9} {'min IoU':>8}   (bf16 fast vs fp32 reference)")
-    for name, load in (("demo", lambda: load_seggpt("demo")), ("ViT-L random", lambda: random_model(SegGPTConfig.vit_large()))):
+    print(f"\n{'model':12} {'episodes':>8} {'mean IoU':>9} {'min IoU':>8} {'labelled':>9}   (bf16 fast vs fp32 reference)")
+    def vit_large():
+        model = random_model(SegGPTConfig.vit_large())
+        spread_head(model, episodes)
+        return model
+
+    for name, load in (("demo", lambda: load_seggpt("demo")), ("ViT-L random", vit_large)):
         model = load()
         ref = SegGPTPredictor(model, fast=False)
         low = SegGPTPredictor(load(), dtype=torch.bfloat16)
-        scores = label_agreement(ref, low, episodes)
-        print(f"{name:12} {n:8} {sum(scores) / n:9.4f} {min(scores):8.4f}", flush=True)
+        scores, labelled = zip(*label_agreement(ref, low, episodes))
+        print(f"{name:12} {n:8} {sum(scores) / n:9.4f} {min(scores):8.4f} {sum(labelled) / n:8.1%}", flush=True)
         del model, ref, low
 
 

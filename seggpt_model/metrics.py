@@ -21,15 +21,16 @@ def mean_iou(pred: np.ndarray, truth: np.ndarray, num_labels: int) -> float:
     return float(np.mean(ious)) if ious else 1.0
 
 
-def label_agreement(reference, candidate, episodes) -> list[float]:
-    """Per episode, the mean IoU of ``candidate``'s label map against ``reference``'s.
+def label_agreement(reference, candidate, episodes) -> list[tuple[float, float]]:
+    """Per episode, the mean IoU of ``candidate``'s label map against ``reference``'s, and the
+    share of pixels the reference labels (agreement on empty maps proves little).
 
     Both are predictors (``.predict(query, prompts, num_labels=...)``); this is how a faster
     or lower-precision path is shown to give the same labels as the reference one.
     """
-    scores = []
+    out = []
     for ep in episodes:
         a = reference.predict(ep.query_image, ep.prompts, num_labels=ep.num_labels).label_map
         b = candidate.predict(ep.query_image, ep.prompts, num_labels=ep.num_labels).label_map
-        scores.append(mean_iou(b, a, ep.num_labels))
-    return scores
+        out.append((mean_iou(b, a, ep.num_labels), float((a > 0).mean())))
+    return out
