@@ -5,7 +5,7 @@ K prompts through ``SegGPTPredictor`` (the server's path).  The checkpoints are 
 weights written in the official (.pth) and Hugging Face (model.safetensors) layouts, fp32 like
 the released files.
 
-    python benchmarks/memory.py [--prompts 1,4] [--dtypes bf16,fp32] [--json out.json]
+    python benchmarks/memory.py [--prompts 1,4] [--dtypes bf16,fp32] [--config vit_large] [--json out.json]
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", default="1,4")
     ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--config", default="vit_large", help="SegGPTConfig factory: vit_large or tiny (smoke test)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs=2, metavar=("CHECKPOINT", "DTYPE"))
     args = ap.parse_args()
@@ -58,7 +59,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = random_model(SegGPTConfig.vit_large())
+        model = random_model(getattr(SegGPTConfig, args.config)())
         files = {"official .pth": save_checkpoint(model, Path(tmp) / "seggpt_vit_large.pth"),
                  "HF safetensors": save_checkpoint(model, Path(tmp) / "hf", layout="hf")}
         del model

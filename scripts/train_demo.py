@@ -79,7 +79,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = SegGPT(DEMO_CONFIG)
     if args.init:
-        model.load_state_dict(load_seggpt(args.init).state_dict())  # strict: must be the demo shape
+        try:
+            model.load_state_dict(load_seggpt(args.init).state_dict())  # strict: must be the demo shape
+        except RuntimeError as e:
+            problem = next(line.strip() for line in str(e).splitlines() if "size mismatch" in line or "key" in line)
+            raise SystemExit(f"--init {args.init} does not fit the demo configuration: {problem}") from None
     model = model.to(args.device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n and "pos_embed" not in n)]

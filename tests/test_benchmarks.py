@@ -34,3 +34,12 @@ def test_quality_benchmark_reports_every_measure(tmp_path):
     assert 0 <= report["absent-target false-positive rate"] <= 1
     assert {"one-shot", "tuned-5", "tuned-10", "tuned-20"} <= set(report["shifted-domain mIoU"])
     assert all(0 <= v <= 1 for v in report["shifted-domain mIoU"].values())
+
+
+def test_memory_benchmark_loads_both_layouts_in_both_dtypes(tmp_path):
+    out = tmp_path / "memory.json"
+    run("memory.py", "--config", "tiny", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert {(r["layout"], r["dtype"]) for r in rows} == {(la, d) for la in ("official .pth", "HF safetensors")
+                                                         for d in ("bf16", "fp32")}
+    assert all(r["after_k4_mb"] >= r["after_k1_mb"] >= r["after_load_mb"] >= r["start_mb"] > 0 for r in rows)

@@ -130,13 +130,14 @@ def scene(size: tuple[int, int] = (64, 48), box: tuple[int, int, int, int] = (8,
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., str]]:
-    """``serve(app)`` runs an ASGI app under a real uvicorn on 127.0.0.1 and returns its URL;
-    every server is stopped when the test ends."""
+    """``serve(app, **uvicorn_config)`` runs an ASGI app under a real uvicorn on 127.0.0.1 and
+    returns its URL; every server is stopped when the test ends."""
     running: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []
 
-    def start(app, log_level: str = "warning") -> str:
+    def start(app, **config) -> str:
         sock = socket.create_server(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn.Config(app, **{"log_level": "warning", "timeout_graceful_shutdown": 5,
+                                                       **config}))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         while not server.started:

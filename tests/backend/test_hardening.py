@@ -6,15 +6,12 @@ import io
 import struct
 import zlib
 import logging
-import socket
-import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -58,25 +55,9 @@ def annotation_created(ann_id: int, task_id: int, url: str, config: str) -> dict
 
 
 @pytest.fixture
-def live() -> Iterator[Callable]:
-    """Serve an app under a real uvicorn on 127.0.0.1; returns its base URL."""
-    servers = []
-
-    def start(app) -> str:
-        sock = socket.create_server(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="debug", timeout_graceful_shutdown=2))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.01)
-        servers.append((server, thread, sock))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-    yield start
-    for server, thread, sock in servers:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+def live(serve) -> Callable:
+    """A real uvicorn whose own loggers reach caplog (no log config of its own), at debug level."""
+    return lambda app: serve(app, log_config=None, log_level="debug")
 
 
 # -- auth --------------------------------------------------------------------------------------------------
