@@ -35,7 +35,7 @@ from backend.store import PromptState, PromptStore
 from seggpt_model import SegGPTPredictor
 from seggpt_model.predictor import supports_bf16
 from seggpt_model.metrics import mean_iou
-from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig
+from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig, choose_init as choose_init_index
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +157,8 @@ def held_out_iou(predictor: SegGPTPredictor, data: ControlData, tuned: TunedProm
 
 def choose_init(predictor: SegGPTPredictor, data: ControlData) -> Example:
     """The newest-few train example whose one-shot prediction of other train examples is best."""
-    train = data.train
-    if len(train) == 1:
-        return train[0]
-    num_labels = len(data.control.labels)
-    best, best_score = train[0], -1.0
-    for cand in train[:INIT_CANDIDATES]:
-        judges = [e for e in train if e is not cand][:INIT_JUDGES]
-        outs = predictor.predict_batch([e.image for e in judges], [(cand.image, cand.label_map)],
-                                       num_labels=num_labels)
-        score = float(np.mean([mean_iou(o.label_map, e.label_map, num_labels) for o, e in zip(outs, judges)]))
-        if score > best_score:
-            best, best_score = cand, score
-    return best
+    pairs = [(e.image, e.label_map) for e in data.train]
+    return data.train[choose_init_index(predictor, pairs, len(data.control.labels), INIT_CANDIDATES, INIT_JUDGES)]
 
 
 def use_bf16(setting: str, device: torch.device) -> bool:

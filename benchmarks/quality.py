@@ -18,7 +18,7 @@ from seggpt_model import SegGPTPredictor, load_seggpt
 from seggpt_model.episodes import EVAL_SEED, PROJECT_SEED, make_episode, make_project
 from seggpt_model.metrics import mean_iou
 from seggpt_model.retrieval import embed_image, most_similar
-from seggpt_model.tuning import PromptTuner, TuningConfig
+from seggpt_model.tuning import PromptTuner, TuningConfig, choose_init
 
 FP_AREA = 0.01  # an absent-target query counts as a false positive above 1 % predicted foreground
 
@@ -50,7 +50,10 @@ def false_positives(pred: SegGPTPredictor, n: int) -> float:
 
 
 def projects(pred: SegGPTPredictor, n_projects: int, sizes: list[int], steps: int, held_out: int) -> dict:
-    """Shifted domain: one-shot, recent-K vs similar-K, and tuned prompts from 5/10/20 examples."""
+    """Shifted domain: one-shot, recent-K vs similar-K, and tuned prompts from 5/10/20 examples.
+
+    Tuning runs as the backend's does: from the example that best predicts the others.
+    """
     acc: dict[str, list[float]] = {}
 
     def score(name, results, truth, num_labels):
@@ -69,7 +72,8 @@ def projects(pred: SegGPTPredictor, n_projects: int, sizes: list[int], steps: in
         score("similar-4", similar, test, num_labels)
         for n in sizes:
             tuner = PromptTuner(pred.model, TuningConfig(steps=steps, seed=p))
-            tuned = tuner.tune(bank[:n], bank[0]).prompt
+            start = choose_init(pred, bank[:n], num_labels)  # as the backend starts a tuning run
+            tuned = tuner.tune(bank[:n], bank[start]).prompt
             score(f"tuned-{n}", pred.predict_batch(queries, tuned=tuned, num_labels=num_labels), test, num_labels)
             score(f"tuned-{n}+similar-3", [
                 pred.predict(q, [bank[j] for j in most_similar(embed_image(q), embs[:n], 3)], tuned=tuned,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load, save
 
 from . import processing as P
+from .metrics import mean_iou
 from .modeling import IMAGENET_MEAN, IMAGENET_STD, SegGPT
 from .training import foreground_weights, seggpt_loss
 
@@ -64,6 +65,7 @@ class TuningConfig:
     bf16: bool = False  # autocast where the device supports it
     seg_type: str = "instance"
     fg_weight: float = 3.0  # loss weight of labelled pixels: small objects otherwise tune towards "all black"
+    fp_weight: float = 3.0  # ... and of background pixels it paints: fg alone rewards painting look-alikes
 
 
 @dataclass
@@ -122,7 +124,7 @@ class PromptTuner:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     pred = self.model(canvas.to(dtype), target.to(dtype), bool_masked_pos=masked,
                                       seg_type=int(cfg.seg_type == "instance"))
-                weights = pixel_mask if cfg.fg_weight == 1 else pixel_mask * foreground_weights(target, cfg.fg_weight)
+                weights = pixel_mask * foreground_weights(target, cfg.fg_weight, pred, cfg.fp_weight)
                 loss = seggpt_loss(pred, target, weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -147,6 +149,26 @@ class PromptTuner:
             imgs.append(torch.from_numpy(P.resize_image(rgb, self.size).copy()).permute(2, 0, 1).float() / 255)
             labs.append(torch.from_numpy(P.resize_mask(lab.astype(np.uint8), self.size).astype(np.int64)))
         return torch.stack(imgs), torch.stack(labs)
+
+
+def choose_init(predictor, examples: Sequence[tuple[object, object]], num_labels: int,
+                candidates: int = 4, judges: int = 8) -> int:
+    """Index of the example among the first ``candidates`` whose one-shot prediction of (up to
+    ``judges``) other examples scores best: a prompt that already works is a better start.
+
+    ``predictor`` is a ``SegGPTPredictor``; ties keep the earlier example.
+    """
+    if not examples:
+        raise ValueError("choosing a starting prompt needs at least one example")
+    best, best_score = 0, -1.0
+    for i in range(min(candidates, len(examples)) if len(examples) > 1 else 0):
+        others = [ex for j, ex in enumerate(examples) if j != i][:judges]
+        outs = predictor.predict_batch([img for img, _ in others], [examples[i]], num_labels=num_labels)
+        score = float(np.mean([mean_iou(o.label_map, P.to_label_map(lab), num_labels)
+                               for o, (_, lab) in zip(outs, others)]))
+        if score > best_score:
+            best, best_score = i, score
+    return best
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

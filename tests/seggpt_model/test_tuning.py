@@ -9,7 +9,8 @@ from seggpt_model import SegGPTPredictor
 from seggpt_model.episodes import make_episode
 from seggpt_model.metrics import mean_iou
 from seggpt_model.retrieval import embed_image, most_similar
-from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig
+from seggpt_model.training import foreground_weights
+from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig, choose_init
 
 
 @pytest.fixture
@@ -35,6 +36,36 @@ def test_foreground_weight_raises_the_cost_of_missed_labels(tiny_model, examples
     losses = [PromptTuner(tiny_model, TuningConfig(steps=1, fg_weight=w)).tune(train, init).losses[0]
               for w in (1.0, 3.0, 10.0)]
     assert losses[0] < losses[1] < losses[2]
+
+
+def test_false_positive_weight_falls_on_painted_background_only():
+    """Target: a labelled square (red) on black; prediction: the square and a false blob."""
+    black = torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]).view(1, 3, 1, 1)
+    tgts = black.expand(1, 3, 8, 8).clone()
+    tgts[..., :2, :2] = 2.0
+    pred = tgts.clone()
+    pred[..., 4:6, 4:6] = 1.0  # painted where the target is background
+    w = foreground_weights(tgts, 3.0, pred, fp_weight=5.0)[0, 0]
+    assert (w[:2, :2] == 3).all() and (w[4:6, 4:6] == 5).all()
+    assert w.sum() == 4 * 3 + 4 * 5 + 56  # everything else stays 1
+    assert torch.equal(foreground_weights(tgts, 3.0, pred), foreground_weights(tgts, 3.0))  # fp_weight 1: off
+
+
+def test_choose_init_picks_the_example_that_predicts_the_others_best(tiny_model, examples):
+    pred = SegGPTPredictor(tiny_model)
+    train = examples[0][:5]
+
+    def one_shot(i):  # example i as the prompt, the others (at most 3 judges) as queries
+        others = [ex for j, ex in enumerate(train) if j != i][:3]
+        outs = pred.predict_batch([img for img, _ in others], [train[i]], num_labels=2)
+        return np.mean([mean_iou(o.label_map, lab, 2) for o, (_, lab) in zip(outs, others)])
+
+    chosen = choose_init(pred, train, 2, candidates=4, judges=3)
+    scores = [one_shot(i) for i in range(4)]
+    assert chosen in range(4) and scores[chosen] == max(scores)
+    assert choose_init(pred, train[:1], 2) == 0
+    with pytest.raises(ValueError, match="at least one example"):
+        choose_init(pred, [], 2)
 
 
 def test_tuning_is_seed_deterministic_with_augmentation(tiny_model, examples):
