@@ -11,7 +11,6 @@ from . import processing as P
 from .episodes import Episode
 
 SMOOTH_L1_BETA = 0.01
-FP_TOLERANCE = 0.5  # normalised units (about 0.12 in RGB): painted enough to become a false positive
 
 
 def patch_mask_to_pixels(bool_masked_pos: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
@@ -30,27 +29,16 @@ def seggpt_loss(pred: torch.Tensor, tgts: torch.Tensor, pixel_mask: torch.Tensor
     return (loss * mask).sum() / mask.sum().clamp_min(1)
 
 
-def _painted(x: torch.Tensor, tol: float) -> torch.Tensor:
-    """(N, 1, H, W) 0/1: pixels of a normalised painting further than ``tol`` from black."""
-    black = torch.tensor([-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
-                         device=x.device).view(1, 3, 1, 1)
-    return ((x.detach().float() - black).abs().amax(dim=1, keepdim=True) > tol).float()
-
-
-def foreground_weights(tgts: torch.Tensor, weight: float, pred: torch.Tensor | None = None,
-                       fp_weight: float = 1.0) -> torch.Tensor:
-    """(N, 1, H, W) loss weights: ``weight`` where the target is not the black background, else 1.
+def foreground_weights(tgts: torch.Tensor, weight: float) -> torch.Tensor:
+    """(N, 1, H, W): ``weight`` where the target is not the black background, else 1.
 
     Generated scenes are mostly background, and under an L1-type loss "paint everything
     black" is a deep plateau; weighting the few foreground pixels gets past it sooner.
-    With ``pred``, background pixels the model paints anyway (its false positives, mostly
-    look-alike objects) weigh ``fp_weight``: the foreground weight alone rewards over-painting.
     """
-    fg = _painted(tgts, 0.05)
-    weights = 1 + (weight - 1) * fg
-    if pred is not None and fp_weight != 1:
-        weights = weights + (fp_weight - 1) * _painted(pred, FP_TOLERANCE) * (1 - fg)
-    return weights
+    black = torch.tensor([-m / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
+                         device=tgts.device).view(1, 3, 1, 1)
+    fg = ((tgts - black).abs().amax(dim=1, keepdim=True) > 0.05).float()
+    return 1 + (weight - 1) * fg
 
 
 def random_colours(n: int, rng: np.random.Generator, min_dist: float = 90.0) -> np.ndarray:

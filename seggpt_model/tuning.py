@@ -65,7 +65,6 @@ class TuningConfig:
     bf16: bool = False  # autocast where the device supports it
     seg_type: str = "instance"
     fg_weight: float = 3.0  # loss weight of labelled pixels: small objects otherwise tune towards "all black"
-    fp_weight: float = 3.0  # ... and of background pixels it paints: fg alone rewards painting look-alikes
 
 
 @dataclass
@@ -124,7 +123,7 @@ class PromptTuner:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     pred = self.model(canvas.to(dtype), target.to(dtype), bool_masked_pos=masked,
                                       seg_type=int(cfg.seg_type == "instance"))
-                weights = pixel_mask * foreground_weights(target, cfg.fg_weight, pred, cfg.fp_weight)
+                weights = pixel_mask if cfg.fg_weight == 1 else pixel_mask * foreground_weights(target, cfg.fg_weight)
                 loss = seggpt_loss(pred, target, weights)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

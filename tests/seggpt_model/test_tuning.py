@@ -9,7 +9,6 @@ from seggpt_model import SegGPTPredictor
 from seggpt_model.episodes import make_episode
 from seggpt_model.metrics import mean_iou
 from seggpt_model.retrieval import embed_image, most_similar
-from seggpt_model.training import foreground_weights
 from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig, choose_init
 
 
@@ -36,19 +35,6 @@ def test_foreground_weight_raises_the_cost_of_missed_labels(tiny_model, examples
     losses = [PromptTuner(tiny_model, TuningConfig(steps=1, fg_weight=w)).tune(train, init).losses[0]
               for w in (1.0, 3.0, 10.0)]
     assert losses[0] < losses[1] < losses[2]
-
-
-def test_false_positive_weight_falls_on_painted_background_only():
-    """Target: a labelled square (red) on black; prediction: the square and a false blob."""
-    black = torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]).view(1, 3, 1, 1)
-    tgts = black.expand(1, 3, 8, 8).clone()
-    tgts[..., :2, :2] = 2.0
-    pred = tgts.clone()
-    pred[..., 4:6, 4:6] = 1.0  # painted where the target is background
-    w = foreground_weights(tgts, 3.0, pred, fp_weight=5.0)[0, 0]
-    assert (w[:2, :2] == 3).all() and (w[4:6, 4:6] == 5).all()
-    assert w.sum() == 4 * 3 + 4 * 5 + 56  # everything else stays 1
-    assert torch.equal(foreground_weights(tgts, 3.0, pred), foreground_weights(tgts, 3.0))  # fp_weight 1: off
 
 
 def test_choose_init_picks_the_example_that_predicts_the_others_best(tiny_model, examples):
