@@ -71,13 +71,14 @@ def tuning_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
 
 
 def _client_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input (ValueError) -> 422 and Label Studio failures -> 502, with their messages."""
+    """Bad input (ValueError) -> 422, what Label Studio does not have (its 404) -> 404, and other
+    Label Studio failures -> 502, with their messages."""
 
     def wrapped(*args: Any) -> Any:
         try:
             return fn(*args)
         except LabelStudioError as exc:
-            raise HTTPException(502, f"Label Studio: {exc}") from None
+            raise HTTPException(404 if exc.status == 404 else 502, f"Label Studio: {exc}") from None
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 

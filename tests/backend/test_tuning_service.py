@@ -247,6 +247,8 @@ def test_report_endpoints_and_command(settings, store, predictor, server, tmp_pa
     assert report["versions"][1]["mean_iou"] == 1.0 and report["versions"][0]["accepted_share"] == 0.25
     png = client.get("/projects/1/report.png")
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).format == "PNG"
+    missing = client.get("/projects/7/report")  # a project Label Studio does not have: its 404, not a 502
+    assert missing.status_code == 404 and "/api/projects/7/" in missing.json()["detail"]
     without = TestClient(create_app(settings, SegGPTBackend(settings, store, predictor=predictor)))
     assert without.get("/projects/1/report").status_code == 503
 
