@@ -35,7 +35,7 @@ from backend.store import PromptState, PromptStore
 from seggpt_model import SegGPTPredictor
 from seggpt_model.predictor import supports_bf16
 from seggpt_model.metrics import mean_iou
-from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig, choose_init as choose_init_index
+from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig, choose_init
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,6 @@ def held_out_iou(predictor: SegGPTPredictor, data: ControlData, tuned: TunedProm
     return float(np.mean(scores))
 
 
-def choose_init(predictor: SegGPTPredictor, data: ControlData) -> Example:
-    """The newest-few train example whose one-shot prediction of other train examples is best."""
-    pairs = [(e.image, e.label_map) for e in data.train]
-    return data.train[choose_init_index(predictor, pairs, len(data.control.labels), INIT_CANDIDATES, INIT_JUDGES)]
-
-
 def use_bf16(setting: str, device: torch.device) -> bool:
     """``auto``: bf16 autocast on CUDA devices with bf16, and on CPUs with native bf16 (AVX-512)."""
     if setting != "auto":
@@ -192,7 +186,8 @@ class ProjectTuner:
         candidates: dict[str, TunedPrompt] = {}
         total = self.settings.tune_steps * len(data)
         for n, d in enumerate(data):
-            init = choose_init(predictor, d)
+            init = d.train[choose_init(predictor, [(e.image, e.label_map) for e in d.train], len(d.control.labels),
+                                       INIT_CANDIDATES, INIT_JUDGES)]
             config = TuningConfig(steps=self.settings.tune_steps, lr=self.settings.tune_lr,
                                   batch_size=self.settings.tune_batch, seed=0,
                                   bf16=use_bf16(self.settings.tune_bf16, predictor.device))

@@ -159,8 +159,10 @@ def choose_init(predictor, examples: Sequence[tuple[object, object]], num_labels
     """
     if not examples:
         raise ValueError("choosing a starting prompt needs at least one example")
+    if len(examples) == 1:
+        return 0
     best, best_score = 0, -1.0
-    for i in range(min(candidates, len(examples)) if len(examples) > 1 else 0):
+    for i in range(min(candidates, len(examples))):
         others = [ex for j, ex in enumerate(examples) if j != i][:judges]
         outs = predictor.predict_batch([img for img, _ in others], [examples[i]], num_labels=num_labels)
         score = float(np.mean([mean_iou(o.label_map, P.to_label_map(lab), num_labels)
