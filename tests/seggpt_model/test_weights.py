@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -157,7 +158,9 @@ def test_demo_source_and_no_weights_message(monkeypatch, tmp_path, tiny_model):
     monkeypatch.setattr(W, "DEMO_WEIGHTS", fake_demo)
     model = load_seggpt("demo")
     assert model.is_demo and same_weights(model, tiny_model)
-    assert not load_seggpt(fake_demo.parent / "seggpt_demo.safetensors").is_demo or True
+    assert load_seggpt(str(fake_demo)).is_demo  # the bundled file named by its path is still the demo
+    own = shutil.copy(fake_demo, tmp_path / "mine.safetensors")
+    assert not load_seggpt(own).is_demo  # the same weights elsewhere are a user's checkpoint
     monkeypatch.setattr(W, "DEMO_WEIGHTS", tmp_path / "missing.safetensors")
     with pytest.raises(WeightsError, match="demo checkpoint is missing"):
         load_seggpt("demo")
