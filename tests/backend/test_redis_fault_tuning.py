@@ -96,6 +96,9 @@ def test_a_tune_job_survives_redis_killed_and_restarted(tmp_path, redis_process,
         assert record["reason"] and "Traceback" not in record["reason"] and "File \"" not in record["reason"]
     assert queue.get(job["id"])["status"] == record["status"]  # and it stays ended
     assert worker.poll() is None, "the worker quit when Redis went away"
+    worker_log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert "lost the connection to Redis" in worker_log or record["status"] == "finished"
+    assert "Traceback" not in worker_log and 'File "' not in worker_log, worker_log[-3000:]
 
     after = store.state(PROJECT)  # decodes, and its blobs are all there
     assert dict(after.entries) == dict(before.entries)
