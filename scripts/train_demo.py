@@ -10,6 +10,7 @@ AdamW with warm-up and a cosine schedule.  Deterministic by seed: episode i of s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -71,13 +72,15 @@ def main() -> None:
     ap.add_argument("--init", default=None, help="start from this checkpoint (a second stage; new cosine cycle)")
     ap.add_argument("--query-mask-prob", type=float, default=0.6,
                     help="share of samples with the whole query half masked; the rest get random masks")
+    ap.add_argument("--drop-path", type=float, default=DEMO_CONFIG.drop_path_rate,
+                    help="stochastic depth; generated episodes never repeat, so it may only slow learning")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = SegGPT(DEMO_CONFIG)
+    model = SegGPT(dataclasses.replace(DEMO_CONFIG, drop_path_rate=args.drop_path))
     if args.init:
         try:
             model.load_state_dict(load_seggpt(args.init).state_dict())  # strict: must be the demo shape
@@ -122,7 +125,7 @@ def main() -> None:
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == (args.stop_at or args.steps):
             save_checkpoint(model.eval(), out / "seggpt_demo.safetensors")
             model.train()
-    (out / "train_config.json").write_text(json.dumps({**vars(args), "config": DEMO_CONFIG.to_dict(),
+    (out / "train_config.json").write_text(json.dumps({**vars(args), "config": model.config.to_dict(),
                                                        "episode_size": EPISODE_SIZE,
                                                        "wall_s": round(time.time() - t0)}, indent=2))
 

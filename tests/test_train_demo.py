@@ -23,12 +23,15 @@ def train(out: Path, *args: str) -> subprocess.CompletedProcess:
 def test_two_stage_training_writes_checkpoints_logs_and_configs(tmp_path):
     assert train(tmp_path / "s1", "--seed", "0").returncode == 0
     first = tmp_path / "s1" / "seggpt_demo.safetensors"
-    done = train(tmp_path / "s2", "--seed", "1", "--init", str(first), "--fg-weight-end", "1.5", "--absent-prob", "0.5")
+    done = train(tmp_path / "s2", "--seed", "1", "--init", str(first), "--fg-weight-end", "1.5", "--absent-prob", "0.5",
+                 "--drop-path", "0")
     assert done.returncode == 0, done.stderr[-2000:]
     log = [json.loads(line) for line in (tmp_path / "s2" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1] and all(r["loss"] > 0 for r in log)
     config = json.loads((tmp_path / "s2" / "train_config.json").read_text())
     assert (config["init"], config["fg_weight_end"], config["absent_prob"]) == (str(first), 1.5, 0.5)
+    first_config = json.loads((tmp_path / "s1" / "train_config.json").read_text())["config"]
+    assert first_config["drop_path_rate"] == 0.05 and config["config"]["drop_path_rate"] == 0  # the model trained
     a, b = load_seggpt(first).state_dict(), load_seggpt(tmp_path / "s2" / "seggpt_demo.safetensors").state_dict()
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)  # trained on from stage 1
 
