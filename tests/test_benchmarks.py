@@ -36,6 +36,15 @@ def test_quality_benchmark_reports_every_measure(tmp_path):
     assert all(0 <= v <= 1 for v in report["shifted-domain mIoU"].values())
 
 
+def test_quality_benchmark_validation_split_measures_only_what_is_asked(tmp_path):
+    out = tmp_path / "validation.json"
+    run("quality.py", "--episodes", "2", "--ks", "1", "--projects", "0", "--first-seed", "3000000000",
+        "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["first_seed"] == 3_000_000_000 and set(report["train-domain mIoU"]) == {"1-shot"}
+    assert report["shifted-domain mIoU"] == {} and 0 <= report["absent-target false-positive rate"] <= 1
+
+
 def test_memory_benchmark_loads_both_layouts_in_both_dtypes(tmp_path):
     out = tmp_path / "memory.json"
     run("memory.py", "--config", "tiny", "--json", str(out))
