@@ -83,6 +83,17 @@ def projects(pred: SegGPTPredictor, n_projects: int, sizes: list[int], steps: in
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
+def prompt_counts(raw: str) -> list[int]:
+    """``--ks``: comma-separated positive prompt counts."""
+    try:
+        ks = [int(k) for k in raw.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {raw!r}")
+    return ks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default="demo")
@@ -90,7 +101,7 @@ def main() -> None:
     ap.add_argument("--projects", type=int, default=8)
     ap.add_argument("--held-out", type=int, default=20)
     ap.add_argument("--tune-steps", type=int, default=150)
-    ap.add_argument("--ks", default="1,2,4,8", help="prompt counts for the train-domain figures")
+    ap.add_argument("--ks", type=prompt_counts, default=[1, 2, 4, 8], help="prompt counts for the train-domain figures")
     ap.add_argument("--first-seed", type=int, default=EVAL_SEED,
                     help="first episode seed; 3000000000 is the validation range used to choose recipes")
     ap.add_argument("--json", default=None)
@@ -101,7 +112,7 @@ def main() -> None:
     report = {"weights": args.weights, "episodes": args.episodes, "projects": args.projects,
               "first_seed": args.first_seed}
     report["train-domain mIoU"], report["train-domain 1-shot by kind"] = k_shot(
-        pred, args.episodes, [int(k) for k in args.ks.split(",")], args.first_seed)
+        pred, args.episodes, args.ks, args.first_seed)
     report["absent-target false-positive rate"] = false_positives(pred, args.episodes, args.first_seed)
     report["shifted-domain mIoU"] = projects(pred, args.projects, [5, 10, 20], args.tune_steps, args.held_out)
     report["wall_s"] = round(time.time() - t0)

@@ -46,6 +46,13 @@ class Episodes(torch.utils.data.IterableDataset):
             step += 1
 
 
+def probability(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1), got {raw}")
+    return value
+
+
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -72,7 +79,7 @@ def main() -> None:
     ap.add_argument("--init", default=None, help="start from this checkpoint (a second stage; new cosine cycle)")
     ap.add_argument("--query-mask-prob", type=float, default=0.6,
                     help="share of samples with the whole query half masked; the rest get random masks")
-    ap.add_argument("--drop-path", type=float, default=DEMO_CONFIG.drop_path_rate,
+    ap.add_argument("--drop-path", type=probability, default=DEMO_CONFIG.drop_path_rate,
                     help="stochastic depth; generated episodes never repeat, so it may only slow learning")
     args = ap.parse_args()
     torch.manual_seed(args.seed)

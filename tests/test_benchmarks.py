@@ -45,6 +45,12 @@ def test_quality_benchmark_validation_split_measures_only_what_is_asked(tmp_path
     assert report["shifted-domain mIoU"] == {} and 0 <= report["absent-target false-positive rate"] <= 1
 
 
+def test_quality_benchmark_refuses_bad_prompt_counts():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--ks", "1,0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "expected comma-separated positive integers, got '1,0'" in done.stderr
+
+
 def test_memory_benchmark_loads_both_layouts_in_both_dtypes(tmp_path):
     out = tmp_path / "memory.json"
     run("memory.py", "--config", "tiny", "--json", str(out))

@@ -44,3 +44,9 @@ def test_init_from_another_shape_is_refused(tmp_path):
     done = train(tmp_path / "out", "--init", str(other))
     assert done.returncode != 0 and "does not fit the demo configuration: size mismatch" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_drop_path_outside_its_range_is_refused(tmp_path):
+    done = train(tmp_path / "out", "--drop-path", "1.5")
+    assert done.returncode == 2 and "expected a value in [0, 1), got 1.5" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written
