@@ -16,6 +16,19 @@ from backend.worker import embedded_worker
 from seggpt_model import WeightsError
 
 
+def without_traceback(record: logging.LogRecord) -> bool:
+    """Keep a record's message and its exception's type, drop the traceback: logs carry none above DEBUG.
+
+    Libraries log some failures with ``exc_info`` (RQ when Redis is lost between two jobs, say);
+    every process the CLI starts logs through the root handler, so this one filter covers them all.
+    """
+    if record.exc_info:
+        exc = record.exc_info[1]
+        record.msg, record.args = f"{record.getMessage()} ({type(exc).__name__})", ()
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``seggpt-backend`` console script and ``python -m backend``."""
     parser = argparse.ArgumentParser(prog="seggpt-backend",
@@ -34,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.exit(2, f"seggpt-backend: bad configuration: {exc}\n")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "DEBUG":
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(without_traceback)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)  # job processes fork from here and inherit it
     if args.command != "serve":

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 STOP_WAIT_S = 10  # how long ``serve`` waits for its worker at each shutdown step
 RECONNECT_S = 1.0  # how often a worker that lost Redis tries it again
-RQ_LOGGERS = ("rq.worker", "rq.job", "rq.queue")
 
 
 def run_worker(settings: Settings, *, burst: bool = False, name: str | None = None) -> bool:
@@ -41,9 +40,6 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
     connection = (redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) if settings.redis_url
                   else rq_connection(client))
     queue = JobQueue(PromptStore(connection), connection).queue
-    if settings.log_level.upper() != "DEBUG":
-        for logger in RQ_LOGGERS:
-            logging.getLogger(logger).addFilter(_without_traceback)
     while True:
         worker = Worker([queue], connection=connection, name=name, serializer=JSONSerializer,
                         work_horse_killed_handler=_horse_killed)
@@ -55,18 +51,6 @@ def run_worker(settings: Settings, *, burst: bool = False, name: str | None = No
             _wait_for_redis(connection)
             with contextlib.suppress(redis.RedisError):
                 worker.register_death()  # frees the name for the next registration
-
-
-def _without_traceback(record: logging.LogRecord) -> bool:
-    """Keep RQ's message and the exception's type, drop the traceback (logs carry none above DEBUG).
-
-    RQ logs some failures with ``exc_info``, e.g. Redis lost between two jobs.
-    """
-    if record.exc_info:
-        exc = record.exc_info[1]
-        record.msg, record.args = f"{record.getMessage()} ({type(exc).__name__})", ()
-        record.exc_info, record.exc_text = None, None
-    return True
 
 
 def _wait_for_redis(connection: redis.Redis) -> None:
