@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.events import checked_event
 from backend.ls_client import LabelStudioClient
-from backend.model import DEMO_WARNING, PROMPT_EVENTS, LabelConfigError, SegGPTBackend, project_key
+from backend.model import DEMO_WARNING, PROMPT_EVENTS, LabelConfigError, ProjectUnservable, SegGPTBackend, project_key
 from backend.prelabel import BATCH_SIZE
+from backend.problems import slug
 from backend.security import BasicAuthMiddleware, BodyLimitMiddleware
 from backend.settings import Settings
 from backend.state_api import project_or_422, state_routes
@@ -107,9 +108,21 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
         return state
 
     @app.post("/setup")
-    async def setup(body: SetupRequest) -> dict:
-        version = await _call(backend.setup, body.project, body.schema_, body.extra_params)
-        return {"model_version": version}
+    async def setup(body: SetupRequest) -> JSONResponse:
+        try:
+            version = await _call(backend.setup, body.project, body.schema_, body.extra_params)
+        except ProjectUnservable as exc:
+            # Label Studio keeps only requests' error line ("422 Client Error: ... for url: URL"), never
+            # the body, so the fix travels in the URL it is redirected to (307 keeps the POST).
+            log.warning("project %s cannot be served: %s", body.project, exc.reason)
+            return JSONResponse({"detail": f"{exc.reason}; {exc.fix}"}, status_code=307,
+                                headers={"Location": f"setup-refused/{slug('no-prompts-' + exc.fix)}"})
+        return JSONResponse({"model_version": version})
+
+    @app.api_route("/setup-refused/{fix}", methods=["GET", "POST"], status_code=422)
+    async def setup_refused(fix: str) -> JSONResponse:
+        """Where a refused /setup points; the path says the fix (see /setup)."""
+        return JSONResponse({"detail": fix.replace("-", " ")}, status_code=422)
 
     @app.post("/predict")
     async def predict(body: PredictRequest) -> dict:
@@ -181,7 +194,7 @@ async def _call(fn: Callable[..., Any], *args: Any, limiter: anyio.CapacityLimit
     except WeightsError as exc:
         log.error("SegGPT weights cannot be loaded: %s", exc)
         raise HTTPException(503, "the SegGPT weights cannot be loaded; see the server log") from None
-    except (HTTPException, redis.ConnectionError, redis.TimeoutError):
+    except (HTTPException, ProjectUnservable, redis.ConnectionError, redis.TimeoutError):
         raise  # answered as they are / by _redis_unreachable
     except redis.RedisError as exc:
         log.error("prompt store unavailable: %s", type(exc).__name__)

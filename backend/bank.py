@@ -42,8 +42,21 @@ class PromptBank:
 
         A skipped (cancelled) or emptied annotation is no prompt: any entry it made earlier
         is removed. Raises MediaError when the task image cannot be read and ValueError
-        when the annotation does not fit the image or the task lacks the image field.
+        when the annotation does not fit the image or the task lacks the image field; the
+        reason is recorded for the project (``PromptStore.problems``) until the annotation
+        is used or deleted, so predictions can say why there are no prompts.
         """
+        key = problem_key(int(annotation["id"]))
+        try:
+            version = self._add_annotation(project, task, annotation, controls)
+        except (MediaError, ValueError) as exc:
+            self.store.record_problem(project, key, str(exc), task_id=_task_id(task))
+            raise
+        self.store.clear_problems(project, [key])
+        return version
+
+    def _add_annotation(self, project: str, task: dict, annotation: dict,
+                        controls: list[ControlSpec]) -> int | None:
         annotation_id = int(annotation["id"])
         results = annotation.get("result") or []
         used = [c for c in controls if any(r.get("from_name") == c.name for r in results)]
@@ -74,10 +87,14 @@ class PromptBank:
         return self.store.put_entry(project, entry)
 
     def remove_annotations(self, project: str, annotation_ids: Iterable[int]) -> int | None:
-        return self.store.remove_annotations(project, annotation_ids)
+        ids = list(annotation_ids)
+        self.store.clear_problems(project, [problem_key(i) for i in ids])
+        return self.store.remove_annotations(project, ids)
 
     def remove_tasks(self, project: str, task_ids: Iterable[int]) -> int | None:
-        return self.store.remove_tasks(project, task_ids)
+        ids = list(task_ids)
+        self.store.clear_problems(project, [], tasks=ids)
+        return self.store.remove_tasks(project, ids)
 
     def prompts(self, project: str, controls: list[ControlSpec], k: int) -> tuple[int, dict[str, list[Prompt]]]:
         """The ``k`` most recent prompts per control (newest first) and their version."""
@@ -113,18 +130,34 @@ class PromptBank:
         return changed
 
     def backfill_once(self, project: str, controls: list[ControlSpec],
-                      fetch_tasks: Callable[[], Iterable[dict]]) -> bool:
-        """Backfill a project the first time it is seen, by one replica only.
+                      fetch_tasks: Callable[[], Iterable[dict]], *, retry: bool = False) -> bool:
+        """Backfill a project the first time it is seen (or, with ``retry``, again), one replica at a time.
 
-        Returns True when this call did the backfill. If it fails, the claim stays until it
-        expires, which spaces out retries against an unreachable Label Studio.
+        Returns True when this call did the backfill. The claim is held only while it runs:
+        a failed backfill is retried by whoever asks next (callers space out their retries),
+        so a restart with corrected settings reads the annotations at once.
         """
-        if self.store.is_backfilled(project) or not self.store.claim_backfill(project):
+        if (self.store.is_backfilled(project) and not retry) or not self.store.claim_backfill(project):
             return False
-        changed = self.backfill(project, controls, fetch_tasks())
-        self.store.mark_backfilled(project)
+        try:
+            changed = self.backfill(project, controls, fetch_tasks())
+            self.store.mark_backfilled(project)
+        finally:
+            self.store.release_backfill(project)
         log.info("backfill: project %s, %d prompt entries added", project, changed)
         return True
+
+
+def problem_key(annotation_id: int) -> str:
+    """The key under which an unusable annotation's reason is recorded."""
+    return f"annotation:{int(annotation_id)}"
+
+
+def _task_id(task: dict) -> int | None:
+    try:
+        return int(task["id"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def entry_prompt(entry: PromptEntry, control: ControlSpec) -> Prompt:

@@ -140,15 +140,16 @@ class LabelStudioClient:
             try:
                 response = self._http.request(method, url, params=params, json=json, headers=self.auth_headers())
             except httpx.HTTPError as exc:
-                raise LabelStudioError(f"{method} {path}: cannot reach Label Studio ({type(exc).__name__})") from None
+                raise LabelStudioError(f"{method} {path}: cannot reach Label Studio at LABEL_STUDIO_URL "
+                                       f"({type(exc).__name__})") from None
             if response.status_code == 401 and self._is_pat and attempt == 0:
                 self._drop_access_token()  # revoked or expired early: refresh once and retry
                 continue
             break
         if not response.is_success:
-            raise LabelStudioError(
-                f"{method} {path} failed: HTTP {response.status_code}: {self._detail(response)}", response.status_code
-            )
+            hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) else ""
+            raise LabelStudioError(f"{method} {path} failed: HTTP {response.status_code}: "
+                                   f"{self._detail(response)}{hint}", response.status_code)
         try:
             return response.json()
         except ValueError:
@@ -168,7 +169,8 @@ class LabelStudioClient:
         try:
             response = self._http.post(f"{self.url}/api/token/refresh/", json={"refresh": self._key})
         except httpx.HTTPError as exc:
-            raise LabelStudioError(f"token refresh: cannot reach Label Studio ({type(exc).__name__})") from None
+            raise LabelStudioError(f"token refresh: cannot reach Label Studio at LABEL_STUDIO_URL "
+                                   f"({type(exc).__name__})") from None
         if not response.is_success:
             raise LabelStudioError(
                 f"token refresh failed: HTTP {response.status_code}: {self._detail(response)} "

@@ -94,7 +94,8 @@ class MediaFetcher:
 
     def _on_label_studio(self, path: str) -> str:
         if not self._ls_url:
-            raise MediaError(f"{_describe(path)} is served by Label Studio, but LABEL_STUDIO_URL is not set")
+            raise MediaError(f"{_describe(path)} is served by Label Studio, but LABEL_STUDIO_URL is not set "
+                             "(the backend needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read it)")
         return self._ls_url + path
 
     def _is_label_studio(self, url: str) -> bool:
@@ -151,15 +152,29 @@ class MediaFetcher:
                         url = self._redirect_target(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        raise MediaError(f"downloading {_describe(url)} failed: HTTP {response.status_code}")
+                        raise MediaError(self._refusal(url, response.status_code, on_label_studio))
                     return self._body(response, deadline, url)
         except httpx.HTTPError as exc:
             if deadline.expired or isinstance(exc, httpx.TimeoutException):
                 raise MediaError(f"downloading {_describe(url)} took longer than MEDIA_TIMEOUT") from None
-            raise MediaError(f"downloading {_describe(url)} failed ({type(exc).__name__})") from None
+            hint = "check LABEL_STUDIO_URL" if self._is_label_studio(url) else "check that the backend reaches it"
+            raise MediaError(f"downloading {_describe(url)} failed ({type(exc).__name__}); {hint}") from None
         finally:
             deadline.cancel()
         raise MediaError(f"downloading {_describe(url)} was redirected more than {MAX_REDIRECTS} times")
+
+    def _refusal(self, url: str, status: int, on_label_studio: bool) -> str:
+        """Why a download was answered ``status``, naming the setting that fixes it where one does."""
+        message = f"downloading {_describe(url)} failed: HTTP {status}"
+        if on_label_studio and status in (401, 403):
+            if self._client is None:
+                return f"{message}: Label Studio needs a token; set LABEL_STUDIO_API_KEY on the backend"
+            return (f"{message}: Label Studio refused LABEL_STUDIO_API_KEY; set it to a personal access token "
+                    "of a user who can see the project")
+        if on_label_studio and status == 404 and LOCAL_FILES_PATH in url:
+            return (f"{message}: Label Studio serves local files only with LOCAL_FILES_SERVING_ENABLED and a "
+                    "Local Storage covering the path (or set LOCAL_FILES_DOCUMENT_ROOT on the backend)")
+        return message
 
     def _redirect_target(self, url: str, location: str) -> str:
         """Redirects chosen by Label Studio (e.g. presigned storage URLs) are trusted; others re-checked."""
@@ -180,7 +195,7 @@ class MediaFetcher:
         try:
             return self._client.auth_headers()
         except LabelStudioError as exc:
-            raise MediaError(f"cannot authenticate to Label Studio: {exc}") from None
+            raise MediaError(f"cannot authenticate to Label Studio with LABEL_STUDIO_API_KEY: {exc}") from None
 
     def _body(self, response: httpx.Response, deadline: _Deadline, url: str) -> bytes:
         limit = self._settings.max_image_bytes

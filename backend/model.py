@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from functools import lru_cache
 from typing import Any
 
 from backend.bank import PromptBank, Prompt
 from backend.jobs import JobQueue
 from backend.label_config import ControlSpec, parse_label_config
-from backend.ls_client import LabelStudioClient
+from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.media import MediaError, MediaFetcher
+from backend.problems import BACKFILL_PROBLEM, describe, fix_for
 from backend.prompting import PromptSelector
 from backend.results import label_map_to_results, prediction_score
 from backend.settings import Settings
@@ -31,7 +33,12 @@ log = logging.getLogger(__name__)
 
 NO_PROMPTS = ("no annotated examples yet: annotate a few tasks (brush, polygon or rectangle regions); "
               "they become SegGPT's prompts and the remaining tasks are pre-labelled from them")
+NO_CLIENT = ("; annotations saved before the backend was connected are read from Label Studio only when "
+             "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set on the backend")
 BACKFILLING = "no prompts yet: the project's existing annotations are being read from Label Studio; retry shortly"
+SETUP_WAIT_S = 2.0  # /setup waits this long for a backfill it started (Label Studio gives /setup 3 s)
+PREDICT_WAIT_S = 60.0  # /predict waits this long for a running backfill (Label Studio gives /predict 100 s)
+BACKFILL_RETRY_S = 300.0  # a project whose annotations could not all be used is read again after this long
 PROMPT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
                            "ANNOTATIONS_DELETED", "TASKS_DELETED"})  # webhooks that change the bank
 DEMO_WARNING = ("SEGGPT_WEIGHTS=demo: serving the small bundled demo model trained on generated shapes; "
@@ -41,6 +48,19 @@ SAMPLE_BYTES = 1 << 20  # head and tail of a checkpoint that identify it
 
 class LabelConfigError(ValueError):
     """The project's label config has nothing this backend can serve."""
+
+
+class ProjectUnservable(RuntimeError):
+    """Nothing in the project can become a prompt, for a reason the operator has to fix.
+
+    ``reason`` is the whole story (which annotation, what failed); ``fix`` the short
+    instruction naming the setting to change.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fix = fix_for(reason)
 
 
 def project_key(project: str | int) -> str:
@@ -98,7 +118,9 @@ class SegGPTBackend:
         if self.demo:
             log.warning(DEMO_WARNING)
         self._model_lock = threading.Lock()
-        self._backfilling: set[str] = set()
+        self._backfill_lock = threading.Lock()
+        self._backfills: dict[str, threading.Thread] = {}  # running backfills of this process
+        self._backfill_tried: dict[str, float] = {}  # when this process last started one, per project
 
     @property
     def model_loaded(self) -> bool:
@@ -117,34 +139,56 @@ class SegGPTBackend:
     def setup(self, project: str | int, schema: str, extra_params: Any = None) -> str:
         """Validate the config and return the project's model_version; never loads weights.
 
-        ``extra_params`` is accepted for Label Studio's sake; nothing reads it yet.
+        A backfill it starts may finish within ``SETUP_WAIT_S``, so the version returned is
+        the one predictions will be made from. Raises ProjectUnservable when the project has
+        annotations but none could become a prompt (Label Studio then shows the backend as
+        failed and stores no predictions). ``extra_params`` is accepted for Label Studio's
+        sake; nothing reads it yet.
         """
         key = project_key(project)
         controls = controls_of(schema)
         self.store.register_project(key)
         self._start_backfill(key, controls)
+        self._await_backfill(key, SETUP_WAIT_S)
+        if not self._backfilling(key) and not self._has_prompts(key):
+            problem = describe(self.store.problems(key))
+            if problem:
+                raise ProjectUnservable(problem)
         return self.model_version(key)
 
     def predict(self, tasks: list[dict], context: dict | None = None, *, project: str | int,
                 label_config: str, **kwargs: Any) -> list[dict]:
         """Exactly one prediction per task, in order.
 
-        A task that cannot be predicted (unreadable image, no prompts yet) gets an empty
-        ``result`` and a ``reason``; Label Studio ignores the extra key, API users see it.
-        Interactive calls (``context`` set) get the same prediction: SegGPT is prompted by
-        examples, not by clicks, so drawn context regions are not used.
+        A task that cannot be predicted (unreadable image, no prompts yet) gets a ``reason``
+        and, for batch requests, no ``result``: Label Studio skips such entries, so no empty
+        prediction is stored that would keep the task from being predicted once the cause is
+        fixed. Interactive calls (``context`` set) get the same prediction with an empty
+        ``result``; SegGPT is prompted by examples, not by clicks.
         """
         key = project_key(project)
         controls = controls_of(label_config)
         self._start_backfill(key, controls)
+        self._await_backfill(key, PREDICT_WAIT_S)
+        if not self._has_prompts(key):  # annotations in the request itself can still become prompts
+            self.bank.backfill(key, list(controls), [t for t in tasks if t.get("annotations")])
         choice = self.selector.select(key, list(controls), len(tasks), lambda i, k: self._query_image(tasks[i], k))
         current = version_string(self.fingerprint, choice.version)
         if not choice.has_prompts():
-            reason = BACKFILLING if key in self._backfilling else NO_PROMPTS
-            return [_empty(current, reason) for _ in tasks]
+            reason = self.no_prompts_reason(key)
+            return [_unpredicted(current, reason, context) for _ in tasks]
         predictor = self._load()
-        return [self._predict_task(task, controls, prompts, choice.tuned, predictor, current)
+        return [self._predict_task(task, controls, prompts, choice.tuned, predictor, current, context)
                 for task, prompts in zip(tasks, choice.prompts)]
+
+    def no_prompts_reason(self, key: str) -> str:
+        """Why a project has no prompts: what failed and the setting to change, else what to do."""
+        problem = describe(self.store.problems(key))
+        if problem:
+            return f"{problem}; {fix_for(problem)}"
+        if self._backfilling(key):
+            return BACKFILLING
+        return NO_PROMPTS + (NO_CLIENT if self.client is None else "")
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
         """Apply a webhook event to the prompt bank; returns what happened, for the response.
@@ -179,24 +223,33 @@ class SegGPTBackend:
         if isinstance(annotations, dict):  # single-annotation events
             annotations, tasks = [annotations], [tasks]
         by_id = {t.get("id"): t for t in tasks or [] if isinstance(t, dict)}
-        version, changed = None, 0
+        version, changed, failed = None, 0, []
         for annotation in annotations or []:
             task = by_id.get(annotation.get("task"))
             if task is None:
                 log.warning("annotation %s of project %s arrived without its task", annotation.get("id"), key)
                 continue
-            added = self.bank.add_annotation(key, task, annotation, controls)
+            try:
+                added = self.bank.add_annotation(key, task, annotation, controls)
+            except ValueError as exc:  # MediaError included; recorded for the project by the bank
+                log.warning("annotation %s of project %s is no prompt: %s", annotation.get("id"), key, exc)
+                failed.append(str(exc))
+                continue
             version, changed = added or version, changed + (added is not None)
         if count_corrections(self.store, key, changed, self.settings.tune_every_n_corrections):
             self.jobs.submit(key, "tune", {"trigger": "corrections", "label_config": config})  # joins an active one
-        return self._changed(key, version)
+        result = self._changed(key, version)
+        if failed and version is None:
+            result.update(status="not_applied", reason=f"{failed[-1]}; {fix_for(failed[-1])}")
+        return result
 
     def _changed(self, key: str, version: int | None) -> dict:
         return {"status": "updated" if version is not None else "unchanged",
                 "model_version": self.model_version(key)}
 
     def _predict_task(self, task: dict, controls: tuple[ControlSpec, ...], prompts: dict[str, list[Prompt]],
-                      tuned: dict[str, TunedPrompt], predictor: SegGPTPredictor, current: str) -> dict:
+                      tuned: dict[str, TunedPrompt], predictor: SegGPTPredictor, current: str,
+                      context: dict | None) -> dict:
         images = {}
         results: list[dict] = []
         for control in controls:
@@ -210,7 +263,8 @@ class SegGPTBackend:
                     images[control.value_key] = self.bank.media.load_image(url, task_id=task.get("id"))
             except MediaError as exc:
                 log.warning("task %s not predicted: %s", task.get("id"), exc)
-                return _empty(current, f"the task image could not be read: {exc}")
+                reason = f"the task image could not be read: {exc}"
+                return _unpredicted(current, f"{reason}; {fix_for(reason)}", context)
             with self._model_lock:
                 out = predictor.predict(images[control.value_key], prompts.get(control.name, []),
                                         num_labels=len(control.labels), seg_type="instance",
@@ -240,23 +294,56 @@ class SegGPTBackend:
                 self._predictor = SegGPTPredictor(model, device=self.settings.device, dtype=self.settings.dtype)
             return self._predictor
 
+    def _has_prompts(self, key: str) -> bool:
+        state = self.store.state(key)
+        return bool(state.entries or state.tuned)
+
+    def _backfilling(self, key: str) -> bool:
+        thread = self._backfills.get(key)
+        return thread is not None and thread.is_alive()
+
+    def _await_backfill(self, key: str, timeout: float) -> None:
+        thread = self._backfills.get(key)
+        if thread is not None:
+            thread.join(timeout)
+
     def _start_backfill(self, key: str, controls: tuple[ControlSpec, ...]) -> None:
-        """Fill a new project's bank from the Label Studio API, in the background."""
-        if self.client is None or key in self._backfilling or self.store.is_backfilled(key):
+        """Read the project's annotations from the Label Studio API, in the background.
+
+        Once per project (``PromptStore.is_backfilled``), and again, at most every
+        ``BACKFILL_RETRY_S`` and first thing after a restart, while annotations of the project
+        could not become prompts: the cause (settings, an image host) may have been fixed.
+        """
+        if self.client is None:
             return
-        self._backfilling.add(key)
+        with self._backfill_lock:
+            if self._backfilling(key):
+                return
+            retry = bool(self.store.problems(key))
+            if self.store.is_backfilled(key) and not retry:
+                return
+            if time.monotonic() - self._backfill_tried.get(key, float("-inf")) < BACKFILL_RETRY_S and retry:
+                return
+            self._backfill_tried[key] = time.monotonic()
+            thread = threading.Thread(target=self._backfill, args=(key, controls, retry),
+                                      name=f"backfill-{key}", daemon=True)
+            self._backfills[key] = thread
+            thread.start()
 
-        def run() -> None:
-            try:
-                self.bank.backfill_once(key, list(controls), lambda: self.client.iter_tasks(int(key)))
-            except Exception as exc:  # logged without details: messages may carry URLs
-                log.warning("backfill of project %s failed (%s); retried later", key, type(exc).__name__)
-                log.debug("backfill failure", exc_info=True)
-            finally:
-                self._backfilling.discard(key)
+    def _backfill(self, key: str, controls: tuple[ControlSpec, ...], retry: bool) -> None:
+        try:
+            self.bank.backfill_once(key, list(controls), lambda: self.client.iter_tasks(int(key)), retry=retry)
+        except LabelStudioError as exc:  # token rejected, Label Studio unreachable: named in predictions
+            log.warning("reading project %s's annotations from Label Studio failed: %s", key, exc)
+            self.store.record_problem(key, BACKFILL_PROBLEM, str(exc))
+        except Exception as exc:  # logged without details: messages may carry URLs
+            log.warning("backfill of project %s failed (%s); retried later", key, type(exc).__name__)
+            log.debug("backfill failure", exc_info=True)
+        else:
+            self.store.clear_problems(key, [BACKFILL_PROBLEM])
 
-        threading.Thread(target=run, name=f"backfill-{key}", daemon=True).start()
 
-
-def _empty(current: str, reason: str) -> dict:
-    return {"result": [], "score": 0.0, "model_version": current, "reason": reason}
+def _unpredicted(current: str, reason: str, context: dict | None) -> dict:
+    """A task that cannot be predicted: batch answers carry no ``result``, so Label Studio stores nothing."""
+    entry = {"score": 0.0, "model_version": current, "reason": reason}
+    return {"result": [], **entry} if context else entry

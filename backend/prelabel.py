@@ -14,7 +14,7 @@ from typing import Any
 
 from backend.jobs import JobContext, JobError, Progress
 from backend.ls_client import LabelStudioClient
-from backend.model import NO_PROMPTS, controls_of, project_key
+from backend.model import controls_of, project_key
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def run_prelabel(ctx: JobContext, project: str, params: dict, progress: Progress
         backend.bank.backfill(project, list(controls), client.iter_tasks(int(project)))
         backend.store.mark_backfilled(project)
         if not backend.store.entry_count(project):
-            raise JobError(NO_PROMPTS)
+            raise JobError(backend.no_prompts_reason(project))
 
     progress(0.0, "listing tasks")
     tasks, labeled = [], 0

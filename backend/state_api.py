@@ -43,6 +43,13 @@ def state_routes(backend: SegGPTBackend, call: Call) -> APIRouter:
                 "versions": [{**v, "model_version": model_version(backend.fingerprint, v["version"])}
                              for v in history]}
 
+    @router.get("/projects/{project}/problems")
+    async def problems(project: str) -> dict:
+        """Annotations that could not become prompts, and why (cleared once used, deleted or retried)."""
+        key = project_or_422(project)
+        found = await call(store.problems, key)
+        return {"project": key, "problems": found, "count": len(found)}
+
     @router.post("/projects/{project}/rollback")
     async def rollback(project: str, body: RollbackRequest) -> dict:
         key = project_or_422(project)

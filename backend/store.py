@@ -39,6 +39,7 @@ from backend.settings import Settings
 
 BACKFILL_RETRY_S = 300  # a failed backfill is retried after this many seconds
 KEEP_VERSIONS = 20  # default length of a project's history
+MAX_PROBLEM_CHARS = 500  # a recorded problem's reason is cut to this length
 # Per-project prediction settings a version may carry: their allowed values.
 PROJECT_SETTINGS = {"prompt_selection": ("similar", "recent"), "tuned_prompt": ("ensemble", "alone")}
 
@@ -411,6 +412,46 @@ class PromptStore:
 
     def mark_backfilled(self, project: str) -> None:
         self.redis.set(self._key(project, "backfilled"), str(time.time()))
+
+    def release_backfill(self, project: str) -> None:
+        """Drop a failed backfill's claim, so a restart with fixed settings retries at once."""
+        self.redis.delete(self._key(project, "backfill-claim"))
+
+    # -- problems: why annotations did not become prompts --------------------------------
+    # Diagnostics beside the versioned state (not part of it): what an annotator saved that
+    # the backend could not use, with the reason, until it is used, deleted or retried.
+    def record_problem(self, project: str, key: str, reason: str, task_id: int | None = None) -> None:
+        record = {"reason": reason[:MAX_PROBLEM_CHARS], "task": task_id, "at": time.time()}
+        pipe = self.redis.pipeline()
+        pipe.hset(self._key(project, "problems"), key, json.dumps(record))
+        pipe.sadd(f"{self.ns}:projects", project)
+        pipe.execute()
+
+    def clear_problems(self, project: str, keys: Iterable[str] | None = None, *,
+                       tasks: Iterable[int] = ()) -> None:
+        """Forget the named problems and those of ``tasks``; all of them when ``keys`` is None."""
+        name = self._key(project, "problems")
+        if keys is None:
+            self.redis.delete(name)
+            return
+        drop = set(keys)
+        task_ids = {int(t) for t in tasks}
+        if task_ids:
+            drop |= {p["key"] for p in self.problems(project) if p.get("task") in task_ids}
+        if drop:
+            self.redis.hdel(name, *drop)
+
+    def problems(self, project: str) -> list[dict]:
+        """The recorded problems, oldest first: ``{"key", "reason", "task", "at"}``."""
+        found = []
+        for key, raw in self.redis.hgetall(self._key(project, "problems")).items():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                found.append({"key": key.decode(), **record})
+        return sorted(found, key=lambda p: (p.get("at") or 0, p["key"]))
 
     # -- internals ---------------------------------------------------------------------
     def _commit(self, project: str, plan: Callable[[Pipeline, PromptState], tuple[PromptState, dict] | None],

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from backend.app import PREDICT_THREADS, create_app
 from backend.label_config import parse_label_config
 from backend.jobs import RUNNERS
-from backend.model import NO_PROMPTS, SegGPTBackend
+from backend.model import NO_CLIENT, NO_PROMPTS, SegGPTBackend
 from backend.results import label_map_to_results
 from backend.settings import Settings
 from backend.store import PromptStore, connect
@@ -112,7 +112,7 @@ def test_batch_predict_one_entry_per_task_in_order(client, image_server, brush_c
     assert response.status_code == 200
     results = response.json()["results"]
     assert len(results) == 5
-    assert "HTTP 404" in results[2]["reason"] and results[2]["result"] == []
+    assert "HTTP 404" in results[2]["reason"] and "result" not in results[2]
     for prediction, size in zip(results[:2] + results[3:], sizes):
         assert prediction["result"] and "reason" not in prediction
         assert {(r["original_width"], r["original_height"]) for r in prediction["result"]} == {size}
@@ -121,8 +121,8 @@ def test_batch_predict_one_entry_per_task_in_order(client, image_server, brush_c
 def test_predict_before_any_annotation_explains_why_it_is_empty(client, image_server, brush_config) -> None:
     url, _ = image_server.add_scene("q.png")
     results = client.post("/predict", json=predict_body([task(1, url), task(2, url)], brush_config)).json()["results"]
-    assert [r["reason"] for r in results] == [NO_PROMPTS, NO_PROMPTS]
-    assert all(r["result"] == [] and r["model_version"].endswith("-v0") for r in results)
+    assert [r["reason"] for r in results] == [NO_PROMPTS + NO_CLIENT] * 2
+    assert all("result" not in r and r["model_version"].endswith("-v0") for r in results)
 
 
 def test_interactive_predict_answers_for_the_task(client, image_server, brush_config) -> None:

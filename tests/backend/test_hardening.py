@@ -192,7 +192,7 @@ def test_hostile_images_in_a_batch_get_a_reason_and_the_rest_is_predicted(tmp_pa
     expected = {1: "MAX_IMAGE_PIXELS|decompression bomb", 2: "truncated or corrupt", 3: "not an image",
                 4: "MEDIA_TIMEOUT", 5: "not an image", 6: "MAX_IMAGE_BYTES", 8: "not allowed"}
     for index, reason in expected.items():
-        assert results[index]["result"] == [], index
+        assert "result" not in results[index], index
         assert any(part in results[index]["reason"] for part in reason.split("|")), (index, results[index]["reason"])
     for index, size in ((0, (64, 48)), (7, (50, 70))):
         assert "reason" not in results[index] and results[index]["result"]

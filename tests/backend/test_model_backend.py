@@ -11,7 +11,7 @@ import pytest
 from backend.label_config import parse_label_config
 from backend.ls_client import LabelStudioClient
 from backend.jobs import RUNNERS
-from backend.model import NO_PROMPTS, LabelConfigError, SegGPTBackend
+from backend.model import NO_CLIENT, NO_PROMPTS, LabelConfigError, SegGPTBackend
 from backend.results import label_map_to_results
 from backend.settings import Settings
 from backend.store import PromptStore
@@ -95,8 +95,9 @@ def test_before_any_annotation_every_task_gets_an_empty_prediction_with_a_reason
     lazy = SegGPTBackend(replace(settings, seggpt_weights=str(tiny_checkpoint)), store)
     tasks = [{"id": i, "data": {"image": image_server.url("whatever.png")}} for i in range(3)]
     predictions = lazy.predict(tasks, project="1.5", label_config=brush_config)
-    assert predictions == [{"result": [], "score": 0.0, "model_version": lazy.model_version("1"),
-                            "reason": NO_PROMPTS}] * 3
+    # no "result": Label Studio skips such entries instead of storing empty predictions
+    assert predictions == [{"score": 0.0, "model_version": lazy.model_version("1"),
+                            "reason": NO_PROMPTS + NO_CLIENT}] * 3
     assert not lazy.model_loaded
 
 
@@ -133,7 +134,8 @@ def test_an_unreadable_image_empties_only_its_task(backend, image_server, brush_
              {"id": 5, "data": {"image": good}}]
     predictions = backend.predict(tasks, project="1", label_config=brush_config)
     assert len(predictions) == 5
-    assert [bool(p["result"]) for p in predictions] == [True, False, False, False, True]
+    assert [bool(p.get("result")) for p in predictions] == [True, False, False, False, True]
+    assert not any("result" in p for p in predictions[1:4])  # nothing for Label Studio to store
     assert "HTTP 404" in predictions[1]["reason"]
     assert "not an image" in predictions[2]["reason"]
     assert "no image URL" in predictions[3]["reason"]
@@ -168,7 +170,7 @@ def test_webhook_events_update_the_bank_and_the_version(backend, image_server, b
     assert deleted["status"] == "updated" and backend.store.entry_count("1") == 0
     query, _ = image_server.add_scene("q.png")
     [prediction] = backend.predict([{"id": 2, "data": {"image": query}}], project="1", label_config=brush_config)
-    assert prediction["reason"] == NO_PROMPTS and prediction["model_version"] == deleted["model_version"]
+    assert prediction["reason"] == NO_PROMPTS + NO_CLIENT and prediction["model_version"] == deleted["model_version"]
 
 
 def test_start_training_records_a_tune_job_that_fails_visibly_without_tuning(backend, monkeypatch) -> None:
