@@ -116,7 +116,7 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
             # the body, so the fix travels in the URL it is redirected to (307 keeps the POST).
             log.warning("project %s cannot be served: %s", body.project, exc.reason)
             return JSONResponse({"detail": f"{exc.reason}; {exc.fix}"}, status_code=307,
-                                headers={"Location": f"setup-refused/{slug('no-prompts-' + exc.fix)}"})
+                                headers={"Location": f"setup-refused/{slug('annotations-unusable-' + exc.fix)}"})
         return JSONResponse({"model_version": version})
 
     @app.api_route("/setup-refused/{fix}", methods=["GET", "POST"], status_code=422)
