@@ -5,11 +5,21 @@ prediction is rasterised per control and compared with the annotation: the task'
 the mean over the labels present in either (pycocotools RLE maths), and a predicted
 region counts as *accepted unchanged* when an annotation region of the same label has
 the same mask (IoU >= 0.99). Versions are ordered by their first prediction.
+
+A prediction counts only if it was made before the annotator started the annotation it is
+compared with: a later one (say a re-prediction by a version prompted with that very
+annotation) was not what the annotator corrected and would inflate the figures. The start
+is the annotation's ``created_at``, or its ``draft_created_at`` when it was submitted from
+an earlier draft; ``updated_at`` does not move it, since later edits of a submitted
+annotation did not start from a pre-label made in between. Of each version the newest
+prediction made before the start is compared. A missing or unreadable time on either side
+leaves the prediction out; the report counts what it left out.
 """
 from __future__ import annotations
 
 import logging
 import re
+from datetime import datetime, timezone
 from typing import Iterable
 
 import numpy as np
@@ -23,6 +33,7 @@ from backend.results import results_to_label_map
 log = logging.getLogger(__name__)
 
 ACCEPTED_IOU = 0.99
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,43 +94,76 @@ def _label(item: dict) -> str | None:
     return names[0] if names else None
 
 
+def parse_time(value: object) -> datetime | None:
+    """An ISO 8601 time as an aware datetime, so that "…Z" and "…+01:00" compare as times, not
+    as strings; one without an offset is UTC (Label Studio's time zone). None when missing or unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def annotation_start(annotation: dict) -> datetime | None:
+    """The latest moment by which the annotator had started from the pre-labels: the
+    annotation's creation, or its draft's when that came first. None when neither is readable."""
+    times = [t for t in (parse_time(annotation.get("created_at")), parse_time(annotation.get("draft_created_at"))) if t]
+    return min(times) if times else None
+
+
 def final_annotation(task: dict) -> dict | None:
-    """The newest submitted, non-cancelled annotation of a task."""
+    """The newest (by ``updated_at``, else ``created_at``) submitted, non-cancelled annotation of a task."""
     done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    return max(done, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0)) if done else None
+    if not done:
+        return None
+    return max(done, key=lambda a: (parse_time(a.get("updated_at")) or parse_time(a.get("created_at")) or EARLIEST,
+                                    a.get("id") or 0))
 
 
 def version_report(tasks: Iterable[dict], controls: list[ControlSpec]) -> dict:
-    """``{"versions": [...], "tasks": n}``: per version its tasks, mean IoU, per-task IoUs,
-    predicted regions and the share accepted unchanged; oldest version first."""
+    """``{"annotated_tasks": n, "versions": [...], "left_out": {...}}``: per version its tasks,
+    mean IoU, per-task IoUs, predicted regions and the share accepted unchanged, oldest version
+    first; ``left_out`` counts the predictions made after their annotation was started, or
+    without a readable time on either side."""
     acc: dict[str, dict] = {}
+    first: dict[str, datetime] = {}
+    left_out = {"after_annotation": 0, "undated": 0}
     seen = 0
     for task in tasks:
         annotation = final_annotation(task)
         if annotation is None:
             continue
         seen += 1
-        latest: dict[str, dict] = {}  # the newest prediction per version
+        start = annotation_start(annotation)
+        latest: dict[str, tuple[datetime, dict]] = {}  # per version, its newest prediction made before the start
         for p in task.get("predictions") or []:
-            v = str(p.get("model_version") or "")
-            if v and str(p.get("created_at") or "") >= str(latest.get(v, {}).get("created_at") or ""):
-                latest[v] = p
-        for v, p in latest.items():
+            v, made = str(p.get("model_version") or ""), parse_time(p.get("created_at"))
+            if not v:
+                continue
+            if start is None or made is None:
+                left_out["undated"] += 1
+            elif made >= start:
+                left_out["after_annotation"] += 1
+            elif v not in latest or made >= latest[v][0]:
+                latest[v] = (made, p)
+        for v, (made, p) in latest.items():
             scored = compare(p.get("result") or [], annotation.get("result") or [], controls)
             if scored is None:
                 continue
-            row = acc.setdefault(v, {"model_version": v, "first_prediction": str(p.get("created_at") or ""),
-                                     "per_task": {}, "regions": 0, "accepted": 0})
-            row["first_prediction"] = min(row["first_prediction"], str(p.get("created_at") or ""))
+            row = acc.setdefault(v, {"model_version": v, "per_task": {}, "regions": 0, "accepted": 0})
+            if v not in first or made < first[v]:
+                first[v], row["first_prediction"] = made, p["created_at"]
             row["per_task"][str(task["id"])] = scored["iou"]
             row["regions"] += scored["regions"]
             row["accepted"] += scored["accepted"]
-    versions = sorted(acc.values(), key=lambda r: (r["first_prediction"], _version_number(r["model_version"])))
+    versions = sorted(acc.values(), key=lambda r: (first[r["model_version"]], _version_number(r["model_version"])))
     for row in versions:
         row["tasks"] = len(row["per_task"])
         row["mean_iou"] = float(np.mean(list(row["per_task"].values())))
         row["accepted_share"] = row["accepted"] / row["regions"] if row["regions"] else None
-    return {"annotated_tasks": seen, "versions": versions}
+    return {"annotated_tasks": seen, "versions": versions, "left_out": left_out}
 
 
 def _version_number(version: str) -> int:
@@ -127,10 +171,17 @@ def _version_number(version: str) -> int:
     return int(found.group(1)) if found else -1
 
 
+def version_tick(version: str) -> str:
+    """A version's x tick label: without this backend's "seggpt-<hash>-" prefix, and of a longer
+    name its end, where names of versions differ ("…l-model-012", not "custom-model")."""
+    tag = re.sub(r"^seggpt-[0-9a-f]+-", "", version)
+    return tag if len(tag) <= 12 else "…" + tag[-11:]
+
+
 def report_chart(report: dict, title: str) -> bytes:
     """Mean IoU and accepted share over versions, as a PNG."""
     rows = report["versions"]
-    ticks = [re.sub(r"^seggpt-[0-9a-f]+-", "", r["model_version"])[:12] for r in rows]
+    ticks = [version_tick(r["model_version"]) for r in rows]
     series = {"mean IoU with the final annotation": [r["mean_iou"] for r in rows],
               "regions accepted unchanged": [r["accepted_share"] if r["accepted_share"] is not None else float("nan")
                                              for r in rows]}

@@ -8,7 +8,7 @@ from PIL import Image
 
 from backend.label_config import parse_label_config
 from backend.ls_client import LabelStudioClient
-from backend.quality import mask_iou, project_report, report_chart
+from backend.quality import mask_iou, project_report, report_chart, version_report, version_tick
 from backend.results import label_map_to_results
 from tests.backend.local_http import LEGACY_KEY, FakeLabelStudio, Reply, server  # noqa: F401  (fixture)
 
@@ -32,6 +32,18 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.logical_and(a, b).sum() / np.logical_or(a, b).sum()
 
 
+def annotation(ann_id: int, label_map: np.ndarray, created: str | None, updated: str | None = None,
+               draft: str | None = None) -> dict:
+    """An annotation with the time fields Label Studio gives (reference §10.2)."""
+    return {"id": ann_id, "was_cancelled": False, "created_at": created, "updated_at": updated or created,
+            "draft_created_at": draft, "result": results(label_map)}
+
+
+def prediction(pred_id: int, version: str, label_map: np.ndarray, created: str | None) -> dict:
+    return {"id": pred_id, "model_version": f"seggpt-abcdef12-{version}", "created_at": created,
+            "result": results(label_map)}
+
+
 def project_tasks() -> tuple[list[dict], dict]:
     """Three annotated tasks; v1 predicted all three roughly, v2 predicted two exactly; one task unannotated."""
     final = {1: box_map((1, 5, 5, 25, 25), (2, 35, 10, 55, 30)), 2: box_map((1, 10, 10, 30, 30)),
@@ -42,14 +54,12 @@ def project_tasks() -> tuple[list[dict], dict]:
     v2 = {1: final[1], 2: final[2]}
     tasks = []
     for t in (1, 2, 3):
-        preds = [{"id": 10 + t, "model_version": "seggpt-abcdef12-v1", "created_at": f"2026-11-20T10:00:0{t}Z",
-                  "result": results(v1[t])}]
+        preds = [prediction(10 + t, "v1", v1[t], f"2026-11-20T10:00:0{t}Z")]
         if t in v2:
-            preds.append({"id": 20 + t, "model_version": "seggpt-abcdef12-v2", "created_at": f"2026-11-21T10:00:0{t}Z",
-                          "result": results(v2[t])})
-        old = {"id": 100 + t, "was_cancelled": False, "updated_at": "2026-11-20T12:00:00Z", "result": results(v1[t])}
-        new = {"id": 200 + t, "was_cancelled": False, "updated_at": "2026-11-22T12:00:00Z", "result": results(final[t])}
-        skipped = {"id": 300 + t, "was_cancelled": True, "updated_at": "2026-11-23T12:00:00Z", "result": []}
+            preds.append(prediction(20 + t, "v2", v2[t], f"2026-11-21T10:00:0{t}Z"))
+        old = annotation(100 + t, v1[t], "2026-11-20T11:00:00.479556Z", "2026-11-20T12:00:00.479587Z")
+        new = annotation(200 + t, final[t], "2026-11-22T12:00:00Z")
+        skipped = {**annotation(300 + t, np.zeros((H, W), np.int32), "2026-11-23T12:00:00Z"), "was_cancelled": True}
         tasks.append({"id": t, "data": {"image": "x"}, "annotations": [old, new, skipped], "predictions": preds})
     tasks.append({"id": 4, "data": {"image": "x"}, "annotations": [], "predictions": tasks[0]["predictions"]})
     return tasks, {"final": final, "v1": v1}
@@ -82,8 +92,9 @@ def test_report_per_version_over_a_fake_label_studio(server) -> None:  # noqa: F
     assert (v1["regions"], v1["accepted"], v1["accepted_share"]) == (4, 1, 0.25)
     assert v2["per_task"] == {"1": 1.0, "2": 1.0} and v2["accepted_share"] == 1.0 and v2["regions"] == 3
 
+    assert report["left_out"] == {"after_annotation": 0, "undated": 0}
     png = Image.open(io.BytesIO(report_chart(report, "project 1")))
-    assert png.format == "PNG" and png.size == (720, 420)
+    assert png.format == "PNG" and png.size[0] == 720
 
 
 def test_predictions_listed_as_ids_are_fetched_per_task(server) -> None:  # noqa: F811
@@ -96,3 +107,70 @@ def test_predictions_listed_as_ids_are_fetched_per_task(server) -> None:  # noqa
     report = project_report(LabelStudioClient(server.url, LEGACY_KEY), 1)
     assert [v["tasks"] for v in report["versions"]] == [3, 2]
     assert len(server.hits("/api/predictions/")) == 3
+
+
+CONTROLS = parse_label_config(CONFIG)
+FINAL = box_map((1, 5, 5, 25, 25))
+ROUGH = box_map((1, 5, 5, 25, 15))  # half the final cat: IoU 0.5
+
+
+def one_task(annotations: list[dict], predictions: list[dict]) -> dict:
+    return version_report([{"id": 1, "data": {"image": "x"}, "annotations": annotations, "predictions": predictions}],
+                          CONTROLS)
+
+
+def per_task(report: dict) -> dict[str, dict[str, float]]:
+    return {v["model_version"].rsplit("-", 1)[1]: v["per_task"] for v in report["versions"]}
+
+
+def test_a_prediction_made_after_the_annotation_was_started_does_not_count() -> None:
+    final = annotation(1, FINAL, "2026-11-22T12:00:00Z", updated="2026-11-25T09:00:00Z")
+    report = one_task([final], [prediction(1, "v1", ROUGH, "2026-11-22T11:59:59.999999Z"),
+                                prediction(2, "v2", FINAL, "2026-11-22T12:00:00Z"),  # as it was submitted
+                                prediction(3, "v3", FINAL, "2026-11-23T08:00:00Z")])  # between submit and the edit
+    assert per_task(report) == {"v1": {"1": 0.5}}
+    assert report["left_out"] == {"after_annotation": 2, "undated": 0}
+
+
+def test_a_draft_marks_an_earlier_start() -> None:
+    final = annotation(1, FINAL, "2026-11-22T12:00:00Z", draft="2026-11-22T09:00:00Z")
+    report = one_task([final], [prediction(1, "v1", ROUGH, "2026-11-22T08:00:00Z"),
+                                prediction(2, "v2", FINAL, "2026-11-22T10:00:00Z")])  # after the draft was saved
+    assert per_task(report) == {"v1": {"1": 0.5}} and report["left_out"]["after_annotation"] == 1
+
+
+def test_times_compare_as_times_across_offsets() -> None:
+    # 13:00+01:00 is 12:00Z: a prediction at 12:30Z came after it, though it sorts first as a string
+    late = one_task([annotation(1, FINAL, "2026-11-22T13:00:00+01:00")],
+                    [prediction(1, "v1", FINAL, "2026-11-22T12:30:00Z")])
+    assert per_task(late) == {} and late["left_out"]["after_annotation"] == 1
+    # 11:00-02:00 is 13:00Z: a prediction at 12:30Z came before it, though it sorts last as a string
+    early = one_task([annotation(1, FINAL, "2026-11-22T11:00:00-02:00")],
+                     [prediction(1, "v1", FINAL, "2026-11-22T12:30:00.5Z")])
+    assert per_task(early) == {"v1": {"1": 1.0}}
+
+
+def test_the_newest_earlier_prediction_and_the_newest_annotation_are_chosen_by_time() -> None:
+    older = annotation(1, ROUGH, "2026-11-22T10:00:00Z", updated="2026-11-22T12:00:00Z")
+    newer = annotation(2, FINAL, "2026-11-22T10:00:00Z", updated="2026-11-22T11:00:00-03:00")  # 14:00Z
+    report = one_task([older, newer], [prediction(1, "v1", FINAL, "2026-11-21T10:00:00Z")])
+    assert per_task(report) == {"v1": {"1": 1.0}}  # compared with the newer annotation
+    report = one_task([newer], [prediction(1, "v1", ROUGH, "2026-11-21T10:00:00Z"),
+                                prediction(2, "v1", FINAL, "2026-11-21T09:30:00-02:00")])  # 11:30Z, the newer
+    assert per_task(report) == {"v1": {"1": 1.0}}
+
+
+def test_a_missing_or_unreadable_time_leaves_the_prediction_out() -> None:
+    predictions = [prediction(1, "v1", FINAL, None), prediction(2, "v2", FINAL, "yesterday"),
+                   prediction(3, "v3", FINAL, "2026-11-21T10:00:00Z")]
+    report = one_task([annotation(1, FINAL, "2026-11-22T12:00:00Z")], predictions)
+    assert per_task(report) == {"v3": {"1": 1.0}} and report["left_out"] == {"after_annotation": 0, "undated": 2}
+    undated = one_task([{**annotation(1, FINAL, None), "updated_at": "2026-11-22T12:00:00Z"}], predictions)
+    assert per_task(undated) == {} and undated["left_out"] == {"after_annotation": 0, "undated": 3}
+    assert undated["annotated_tasks"] == 1
+
+
+def test_version_ticks_keep_what_tells_versions_apart() -> None:
+    assert version_tick("seggpt-abcdef12-v12") == "v12"
+    ticks = [version_tick(f"custom-model-{i:03d}") for i in range(15)]
+    assert len(set(ticks)) == 15 and all(len(t) <= 12 and t.endswith(f"{i:03d}") for i, t in enumerate(ticks))
