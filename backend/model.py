@@ -148,8 +148,8 @@ class SegGPTBackend:
         key = project_key(project)
         controls = controls_of(schema)
         self.store.register_project(key)
-        self._start_backfill(key, controls)
-        self._await_backfill(key, SETUP_WAIT_S)
+        if self._start_backfill(key, controls):  # not one already under way: /setup calls come often
+            self._await_backfill(key, SETUP_WAIT_S)
         if not self._backfilling(key) and not self._has_prompts(key):
             problem = describe(self.store.problems(key))
             if problem:
@@ -307,28 +307,29 @@ class SegGPTBackend:
         if thread is not None:
             thread.join(timeout)
 
-    def _start_backfill(self, key: str, controls: tuple[ControlSpec, ...]) -> None:
-        """Read the project's annotations from the Label Studio API, in the background.
+    def _start_backfill(self, key: str, controls: tuple[ControlSpec, ...]) -> bool:
+        """Read the project's annotations from the Label Studio API, in the background; True if started.
 
         Once per project (``PromptStore.is_backfilled``), and again, at most every
         ``BACKFILL_RETRY_S`` and first thing after a restart, while annotations of the project
         could not become prompts: the cause (settings, an image host) may have been fixed.
         """
         if self.client is None:
-            return
+            return False
         with self._backfill_lock:
             if self._backfilling(key):
-                return
+                return False
             retry = bool(self.store.problems(key))
             if self.store.is_backfilled(key) and not retry:
-                return
+                return False
             if time.monotonic() - self._backfill_tried.get(key, float("-inf")) < BACKFILL_RETRY_S and retry:
-                return
+                return False
             self._backfill_tried[key] = time.monotonic()
             thread = threading.Thread(target=self._backfill, args=(key, controls, retry),
                                       name=f"backfill-{key}", daemon=True)
             self._backfills[key] = thread
             thread.start()
+            return True
 
     def _backfill(self, key: str, controls: tuple[ControlSpec, ...], retry: bool) -> None:
         try:
