@@ -5,7 +5,6 @@ PY := $(VENV)/bin/python
 SEGGPT_WEIGHTS ?= demo
 export SEGGPT_WEIGHTS
 
-HOST ?= 0.0.0.0
 PORT ?= 9090
 
 .PHONY: setup run predict-example test bench clean
@@ -19,9 +18,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed
 
-## The main job: the ML backend Label Studio connects to (settings from the environment, see README).
+## The main job. Without LABEL_STUDIO_URL: the whole loop on this machine (`seggpt-backend quickstart`:
+## Label Studio on $(LS_PORT, default 8080), the backend on 127.0.0.1:$(PORT), a pre-labelled demo project).
+## With LABEL_STUDIO_URL: only the backend that Label Studio connects to (on $(HOST), default 0.0.0.0).
+## `exec`: make's child is the server itself, so the SIGTERM make forwards reaches it.
 run: setup
-	$(VENV)/bin/seggpt-backend serve --host $(HOST) --port $(PORT)
+ifeq ($(strip $(LABEL_STUDIO_URL)),)
+	exec $(VENV)/bin/seggpt-backend quickstart --host $(or $(HOST),127.0.0.1) --port $(PORT)
+else
+	exec $(VENV)/bin/seggpt-backend serve --host $(or $(HOST),0.0.0.0) --port $(PORT)
+endif
 
 ## Segment the bundled example query in context of the bundled prompt (writes out/example/).
 predict-example: setup

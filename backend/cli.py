@@ -1,19 +1,29 @@
-"""``seggpt-backend serve``: run the ML backend that Label Studio connects to."""
+"""``seggpt-backend serve``: run the ML backend that Label Studio connects to (and the other commands)."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-import torch
-import uvicorn
+# Who started this process, read before the slow imports below: a long-running command arms the
+# parent-death signal later and must notice a parent that died in between (see guard.py).
+STARTED_BY = os.getppid()
 
-from backend.app import create_app
-from backend.job_commands import add_commands as add_job_commands
-from backend.pack_commands import add_commands as add_pack_commands
-from backend.settings import Settings
-from backend.tune_commands import add_commands as add_tune_commands
-from backend.worker import embedded_worker
-from seggpt_model import WeightsError
+import torch  # noqa: E402
+import uvicorn  # noqa: E402
+
+from backend.app import create_app  # noqa: E402
+from backend.job_commands import add_commands as add_job_commands  # noqa: E402
+from backend.pack_commands import add_commands as add_pack_commands  # noqa: E402
+from backend.quickstart.guard import arm_parent_death_signal, stop_embedded_redis  # noqa: E402
+from backend.quickstart.runner import add_command as add_quickstart_command, quickstart  # noqa: E402
+from backend.settings import Settings  # noqa: E402
+from backend.store import connect  # noqa: E402
+from backend.tune_commands import add_commands as add_tune_commands  # noqa: E402
+from backend.worker import embedded_worker  # noqa: E402
+from seggpt_model import WeightsError  # noqa: E402
+
+LONG_RUNNING = ("serve", "quickstart", "worker")  # stopped with their parent (make run, serve's worker)
 
 
 def without_traceback(record: logging.LogRecord) -> bool:
@@ -37,10 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     serve = commands.add_parser("serve", help="serve /health, /setup, /predict, /webhook and /versions")
     serve.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: 0.0.0.0)")
     serve.add_argument("--port", type=int, default=9090, help="port to listen on (default: 9090)")
+    add_quickstart_command(commands)
     add_job_commands(commands)
     add_pack_commands(commands)
     add_tune_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in LONG_RUNNING:
+        arm_parent_death_signal(STARTED_BY)
+    if args.command == "quickstart" and not os.environ.get("LOG_LEVEL", "").strip():
+        os.environ["LOG_LEVEL"] = "WARNING"  # keep the ready block in view; LOG_LEVEL=INFO shows more
 
     try:
         settings = Settings.from_env()
@@ -52,11 +67,19 @@ def main(argv: list[str] | None = None) -> None:
             handler.addFilter(without_traceback)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)  # job processes fork from here and inherit it
+    if args.command == "quickstart":
+        parser.exit(quickstart(args))
     if args.command != "serve":
         parser.exit(args.run(settings, args))
     try:
         app = create_app(settings)
     except WeightsError as exc:
         parser.exit(2, f"seggpt-backend: {exc}\n")
-    with embedded_worker(settings):  # only with the embedded Redis; REDIS_URL deployments run their own
-        uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower(), log_config=None)
+    # the embedded redis-server daemonizes: nothing stops it when this process ends unless we do
+    embedded = connect(settings) if not settings.redis_url else None
+    try:
+        with embedded_worker(settings):  # only with the embedded Redis; REDIS_URL deployments run their own
+            uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower(), log_config=None)
+    finally:
+        if embedded is not None:
+            stop_embedded_redis(embedded)

@@ -4,11 +4,22 @@
 # end-to-end test run starts LS from a copy in ~2-3 s instead of migrating for 20-40 s.
 #
 # Idempotent: an existing venv with the right version and a finished template are kept.
+# Usage: install_label_studio.sh [--venv-only]
+#   --venv-only  install the venv but make no template (`seggpt-backend quickstart` uses this:
+#                its Label Studio gets a superuser of its own, never the template's)
 # Env:
 #   LS_VENV      virtualenv path (default: <repo>/.ls-venv)
 #   LS_TEMPLATE  template data dir (default: $LS_VENV/data-template)
 #   PYTHON       interpreter used to create the venv (default: python3, needs >= 3.10)
 set -euo pipefail
+
+VENV_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+        --venv-only) VENV_ONLY=1 ;;
+        *) printf 'usage: %s [--venv-only]\n' "$0" >&2; exit 2 ;;
+    esac
+done
 
 LS_VERSION="1.23.2"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -103,4 +114,6 @@ make_template() {
 }
 
 install_venv
-make_template
+if ((VENV_ONLY == 0)); then
+    make_template
+fi
