@@ -147,13 +147,17 @@ def distractor_of(target: ObjectClass, rng: np.random.Generator, domain: str) ->
             return other
 
 
-def render_scene(instances: list[tuple[ObjectClass, int]], size: int, rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Paint (class, label) instances on a textured background; later ones occlude earlier ones."""
+def render_scene(instances: list[tuple[ObjectClass, int]], size: int, rng: np.random.Generator,
+                 object_px: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Paint (class, label) instances on a textured background; later ones occlude earlier ones.
+
+    Objects are 0.2-0.42 of the scene side, or ``object_px`` (low, high) pixels wide when given.
+    """
     img = _background(size, rng)
     labels = np.zeros((size, size), np.int64)
+    low, high = object_px or (0.2 * size, 0.42 * size)
     for cls, label in instances:
-        s = int(rng.uniform(0.2, 0.42) * size)
+        s = max(4, int(rng.uniform(low, high))) if object_px else int(rng.uniform(0.2, 0.42) * size)
         m = _shape_mask(cls.shape, s, rng.uniform(0, 2 * math.pi))
         tex = _texture(cls.texture, s, COLOURS[cls.colours[0]].astype(np.float32),
                        COLOURS[cls.colours[1]].astype(np.float32), rng)
@@ -206,3 +210,33 @@ def make_project(seed: int, n: int, size: int = 128, domain: str = "shifted",
     """``n`` labelled scenes of one task (a project's annotated images) and its label count."""
     task = Task(np.random.default_rng(seed), domain, multi_prob)
     return [task.scene(size) for _ in range(n)], len(task.targets)
+
+
+HIGHRES_SEED = 4 * 10 ** 9  # held-out high-resolution episodes
+HIGHRES_SIZES = (512, 768, 1024)
+
+
+def make_highres_episode(seed: int, size: int | None = None, object_px: tuple[float, float] = (26, 54),
+                         domain: str = "train", multi_prob: float = 0.5, num_prompts: int = 1) -> Episode:
+    """A large scene crowded with small objects: what a labeling project's photos look like to SegGPT.
+
+    Prompt and query are ``size`` px square (default one of HIGHRES_SIZES, by seed), with 3-8
+    instances of each target class and, in tasks with distractors, 2-5 of each distractor
+    class, all ``object_px`` pixels wide: several times smaller, relative to the scene, than
+    anything in ``make_episode``'s scenes (which the demo model was trained on).
+    """
+    rng = np.random.default_rng(seed)
+    task = Task(rng, domain, multi_prob)
+    size = size or int(rng.choice(HIGHRES_SIZES))
+
+    def scene() -> tuple[np.ndarray, np.ndarray]:
+        inst = [(t, i + 1) for i, t in enumerate(task.targets) for _ in range(int(rng.integers(3, 9)))]
+        if task.distractor_prob:
+            inst += [(d, 0) for d in task.distractors for _ in range(int(rng.integers(2, 6)))]
+        order = rng.permutation(len(inst))
+        return render_scene([inst[i] for i in order], size, rng, object_px)
+
+    (p_img, p_lab), (q_img, q_lab) = scene(), scene()
+    extra = [scene() for _ in range(num_prompts - 1)]
+    return Episode(p_img, p_lab, q_img, q_lab, len(task.targets), bool(q_lab.any()), extra,
+                   task.distractor_prob > 0)
