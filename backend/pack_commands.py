@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,11 @@ from backend.model import weights_fingerprint
 from backend.packs import ModelIdentity, export_pack, import_pack
 from backend.settings import Settings
 from backend.store import PromptStore, UnknownVersion, model_version
-from seggpt_model.weights import read_config
+from seggpt_model.weights import DEMO_WEIGHTS, read_config, resolve_source
+
+log = logging.getLogger(__name__)
+DEMO_PACKS = ("SEGGPT_WEIGHTS=demo (the default when unset): packs are written for and checked against the small "
+              "bundled demo model; set SEGGPT_WEIGHTS to the weights your server uses to exchange packs with it")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -85,6 +90,9 @@ def _rollback(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _identity(settings: Settings) -> ModelIdentity:
+    """The configured model's identity; a pack is tied to it, so the demo default is announced."""
+    if resolve_source(settings.seggpt_weights) == DEMO_WEIGHTS:
+        log.warning(DEMO_PACKS)
     return ModelIdentity(weights_fingerprint(settings.seggpt_weights), read_config(settings.seggpt_weights).to_dict())
 
 

@@ -2,6 +2,8 @@
 
 Every value is validated here so that a typo in a deployment fails at start-up
 with the variable's name, instead of surfacing later as an obscure runtime error.
+Every ``seggpt-backend`` command (and every worker job) gets its settings from
+:meth:`Settings.from_env`, so the server and the CLI share one set of defaults.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ T = TypeVar("T")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# SEGGPT_WEIGHTS when unset: the small demo model bundled with seggpt_model, so every command works
+# offline out of the box; the backend logs a WARNING whenever it is used. Equal to
+# seggpt_model.weights.DEFAULT_WEIGHTS (kept literal here so that settings stay free of torch).
+DEFAULT_WEIGHTS = "demo"
 _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
 
 
@@ -26,7 +32,7 @@ class Settings:
 
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
-    seggpt_weights: str | None = None
+    seggpt_weights: str = DEFAULT_WEIGHTS  # file, folder, hub id or "demo"; None or "" mean the default
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 where the device computes it natively (AVX-512 bf16, AMX, CUDA)
     model_dir: Path = Path("./model_dir")
@@ -55,6 +61,11 @@ class Settings:
     tune_every_n_corrections: int = 0  # 0: tuning only on request
     torch_threads: int | None = None  # None: torch's default (all cores); 1 suits machines shared with other work
 
+    def __post_init__(self) -> None:
+        # None/"" mean "not configured": the demo, never "no weights" nor another read of $SEGGPT_WEIGHTS
+        if not self.seggpt_weights:
+            object.__setattr__(self, "seggpt_weights", DEFAULT_WEIGHTS)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
         """Build settings from ``env``; an empty variable counts as unset."""
@@ -79,7 +90,7 @@ class Settings:
         return cls(
             label_studio_url=parse("LABEL_STUDIO_URL", _http_url, None),
             label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
-            seggpt_weights=get("SEGGPT_WEIGHTS"),
+            seggpt_weights=get("SEGGPT_WEIGHTS") or DEFAULT_WEIGHTS,
             device=parse("DEVICE", _device, "auto"),
             dtype=parse("DTYPE", _choice("auto", "bf16", "fp32"), "auto"),
             model_dir=Path(get("MODEL_DIR") or "./model_dir"),

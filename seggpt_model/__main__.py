@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from PIL import Image, ImageOps
 
 from . import processing as P
 from .predictor import SegGPTPredictor
-from .weights import load_seggpt
+from .weights import DEFAULT_WEIGHTS, DEMO_NOTICE, WEIGHTS_ENV, load_seggpt
+
+log = logging.getLogger("seggpt_model")
 
 
 def _open(path: str) -> Image.Image:
@@ -27,7 +30,10 @@ def predict(args: argparse.Namespace) -> None:
         raise ValueError(f"{len(args.prompt)} --prompt but {len(args.prompt_mask)} --prompt-mask")
     prompts = [(_open(i), P.mask_file_to_label_map(_open(m))) for i, m in zip(args.prompt, args.prompt_mask)]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    predictor = SegGPTPredictor(load_seggpt(args.weights), device=args.device, dtype=dtype)
+    model = load_seggpt(args.weights)
+    if model.is_demo:
+        log.warning(DEMO_NOTICE)
+    predictor = SegGPTPredictor(model, device=args.device, dtype=dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for q in args.query:
@@ -49,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="its mask: label ids, 0/255, or one colour per label")
     p.add_argument("--query", action="append", required=True, help="query image (repeatable)")
     p.add_argument("--out", required=True, help="folder for <query>_mask.png and <query>_overlay.png")
-    p.add_argument("--weights", default=None, help="checkpoint file/folder or hub id (default $SEGGPT_WEIGHTS)")
+    p.add_argument("--weights", default=None,
+                   help=f"checkpoint file/folder, hub id or '{DEFAULT_WEIGHTS}' (default: ${WEIGHTS_ENV}, else "
+                        f"'{DEFAULT_WEIGHTS}', the bundled demo model, announced with a warning)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--seg-type", choices=("instance", "semantic"), default="instance")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         predict(args)
     except ValueError as e:

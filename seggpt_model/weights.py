@@ -23,6 +23,12 @@ WEIGHTS_ENV = "SEGGPT_WEIGHTS"
 _FILE_CANDIDATES = ("model.safetensors", "pytorch_model.bin", "seggpt_vit_large.pth")
 DEMO = "demo"
 DEMO_WEIGHTS = Path(__file__).parent / "assets" / "demo" / "seggpt_demo.safetensors"
+# What "no weights given" means everywhere (this package, its CLI, the Label Studio backend): the
+# bundled demo model, so things work offline; callers announce it (see DEMO_NOTICE).
+DEFAULT_WEIGHTS = DEMO
+DEMO_NOTICE = ("using the small bundled demo model (SEGGPT_WEIGHTS=demo, the default when nothing else is "
+               "configured), trained on generated shapes: a demonstration, not SegGPT ViT-L quality; set "
+               f"SEGGPT_WEIGHTS or --weights to {DEFAULT_HUB_ID} or a checkpoint file for real work")
 
 
 class WeightsError(ValueError):
@@ -169,12 +175,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def resolve_source(source: str | os.PathLike | None) -> Path:
-    """A local checkpoint file for ``source``: a file, a folder, or a hub id (downloaded, cached)."""
-    if source is None:
-        source = os.environ.get(WEIGHTS_ENV)
-    if not source:
-        raise WeightsError(f"no weights given: set {WEIGHTS_ENV} to a local checkpoint file or folder, to "
-                           f"'{DEMO}' for the bundled small demo model, or to a hub id such as {DEFAULT_HUB_ID}")
+    """A local checkpoint file for ``source``: a file, a folder, a hub id (downloaded, cached) or ``demo``.
+
+    No source (None or "") means ``$SEGGPT_WEIGHTS``, and when that is unset or empty too,
+    ``DEFAULT_WEIGHTS``: the bundled demo model.
+    """
+    source = default_source(source)
     if str(source) == DEMO:
         if not DEMO_WEIGHTS.is_file():
             raise WeightsError(f"the demo checkpoint is missing from this install ({DEMO_WEIGHTS})")
@@ -193,6 +199,13 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith((".", "/")):
         return _download(str(source))
     raise WeightsError(f"weights not found: {source} is neither a file, a folder, a hub id nor '{DEMO}'")
+
+
+def default_source(source: str | os.PathLike | None = None) -> str | os.PathLike:
+    """``source``, else ``$SEGGPT_WEIGHTS``, else ``DEFAULT_WEIGHTS`` (an empty value counts as unset)."""
+    if source is not None and str(source).strip():
+        return source
+    return (os.environ.get(WEIGHTS_ENV) or "").strip() or DEFAULT_WEIGHTS
 
 
 def _download(repo_id: str) -> Path:
@@ -246,10 +259,14 @@ def read_config(source: str | os.PathLike | None = None) -> SegGPTConfig:
 
 
 def load_seggpt(source: str | os.PathLike | None = None, device=None, dtype=None) -> SegGPT:
-    """Load SegGPT from a file, folder or hub id (default: ``$SEGGPT_WEIGHTS``), in eval mode."""
+    """Load SegGPT in eval mode from a file, folder, hub id or ``demo`` (default: ``$SEGGPT_WEIGHTS``, else the demo).
+
+    ``model.is_demo`` tells callers to announce the demo model (DEMO_NOTICE).
+    """
+    source = default_source(source)
     path = resolve_source(source)
     model = build_from_state(read_state_dict(path), device=device, dtype=dtype)
-    model.source = str(source or os.environ.get(WEIGHTS_ENV))
+    model.source = str(source)
     model.is_demo = path == DEMO_WEIGHTS
     return model
 

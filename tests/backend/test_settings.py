@@ -1,5 +1,11 @@
-"""Settings.from_env: defaults, parsing and errors that name the variable."""
+"""Settings.from_env: defaults, parsing and errors that name the variable; one SEGGPT_WEIGHTS default for all."""
 
+import argparse
+import ast
+import json
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -106,3 +112,115 @@ def test_torch_threads_setting():
     import pytest
     with pytest.raises(ValueError, match="TORCH_THREADS"):
         Settings.from_env({"TORCH_THREADS": "0"})
+
+
+# -- SEGGPT_WEIGHTS: one default (the bundled demo) for the server, every command and seggpt_model --------------
+def test_weights_default_to_the_bundled_demo():
+    """Unset, empty or None all mean the demo model: never "no weights" and never a second env read."""
+    from seggpt_model.weights import DEFAULT_WEIGHTS, DEMO_WEIGHTS, resolve_source
+
+    assert DEFAULT_WEIGHTS == "demo"
+    for s in (Settings.from_env({}), Settings.from_env({"SEGGPT_WEIGHTS": "  "}), Settings(),
+              Settings(seggpt_weights=None)):  # type: ignore[arg-type]
+        assert s.seggpt_weights == DEFAULT_WEIGHTS
+        assert resolve_source(s.seggpt_weights) == DEMO_WEIGHTS and DEMO_WEIGHTS.is_file()
+    assert Settings.from_env({"SEGGPT_WEIGHTS": "BAAI/seggpt-vit-large"}).seggpt_weights == "BAAI/seggpt-vit-large"
+
+
+def test_seggpt_model_defaults_to_the_demo_too(monkeypatch, tiny_checkpoint):
+    """seggpt_model's own default (no source given) is the same: $SEGGPT_WEIGHTS, else the demo."""
+    from seggpt_model import load_seggpt
+    from seggpt_model.weights import DEMO_WEIGHTS, read_config, resolve_source
+
+    monkeypatch.delenv("SEGGPT_WEIGHTS", raising=False)
+    assert resolve_source(None) == resolve_source("") == DEMO_WEIGHTS
+    model = load_seggpt()
+    assert model.is_demo and model.source == "demo"
+    assert read_config().to_dict() == model.config.to_dict()
+    monkeypatch.setenv("SEGGPT_WEIGHTS", "")
+    assert resolve_source(None) == DEMO_WEIGHTS
+    monkeypatch.setenv("SEGGPT_WEIGHTS", str(tiny_checkpoint))
+    assert resolve_source(None) == tiny_checkpoint and not load_seggpt().is_demo
+
+
+def _is_os_environ(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name)
+            and node.value.id == "os")
+
+
+def environment_reads(source: str) -> list[int]:
+    """Lines that read one variable of the environment: ``os.environ.get(...)``, ``os.environ[...]``,
+    ``... in os.environ``, ``os.getenv(...)``. Copying it whole for a child process is no read."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+                (node.func.attr in ("get", "pop", "setdefault") and _is_os_environ(node.func.value))
+                or (node.func.attr == "getenv" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "os")):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_os_environ(node.value):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Compare) and any(_is_os_environ(c) for c in node.comparators):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_command_modules_read_no_environment_variable_of_their_own():
+    """The commands get the settings the CLI read once (jobs in a work horse: Settings.from_env, the same way);
+    none reads a variable, or a default, on its own. cli.py, the dispatcher, is left to its own tests."""
+    import backend
+
+    assert environment_reads("import os\nos.environ.get('X'); os.getenv('Y'); 'Z' in os.environ; os.environ['W']"
+                             "\nenv = {**os.environ}") == [2, 2, 2, 2]  # the probe finds each kind of read
+    readers = {path.name: lines for path in sorted(Path(backend.__file__).parent.glob("*.py"))
+               if path.name not in ("settings.py", "cli.py") and (lines := environment_reads(path.read_text()))}
+    assert not readers, readers
+
+
+LABEL_CONFIG = ('<View><Image name="image" value="$image"/>'
+                '<BrushLabels name="tag" toName="image"><Label value="A"/></BrushLabels></View>')
+
+
+def _backend_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``seggpt-backend ARGS`` with an empty environment (OMP_NUM_THREADS aside): defaults only."""
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=cwd, env={"OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_commands_with_an_empty_environment_use_the_demo_and_say_so(tmp_path):
+    """Inline tune and a worker's job build the backend from the default settings: the demo, with its WARNING.
+
+    MODEL_DIR defaults to ./model_dir (the embedded Redis lives there), so each run starts in tmp_path.
+    """
+    from backend.model import DEMO_WARNING
+
+    (tmp_path / "config.xml").write_text(LABEL_CONFIG)
+    tune = ("tune", "--project", "1", "--label-config", "config.xml")
+    queued = _backend_cli(tmp_path, *tune, "--no-follow")
+    assert queued.returncode == 0, queued.stderr
+    job_id = queued.stdout.strip()
+    worker = _backend_cli(tmp_path, "worker", "--burst")
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stderr.count(DEMO_WARNING) == 1 and " WARNING backend.model: " in worker.stderr
+    assert f"job {job_id} failed: nothing to tune" in worker.stderr  # the job ran on the demo model, then refused
+
+    inline = _backend_cli(tmp_path, *tune, "--inline")
+    assert inline.returncode == 1  # nothing to tune yet; the weights were resolved before that
+    assert inline.stderr.count(DEMO_WARNING) == 1, inline.stderr
+    assert "failed: nothing to tune" in inline.stdout and "no weights" not in inline.stdout + inline.stderr
+
+
+def test_pack_commands_default_to_the_demo_and_say_so(tmp_path, monkeypatch, caplog):
+    """export (and import) tie a pack to the configured model: with nothing configured, the demo, announced."""
+    from backend.model import weights_fingerprint
+    from backend.pack_commands import _export
+    from backend.store import model_version
+
+    monkeypatch.chdir(tmp_path)  # MODEL_DIR's default, ./model_dir, holds the embedded Redis
+    args = argparse.Namespace(project="1", out=tmp_path / "pack.zip")
+    assert _export(Settings.from_env({}), args) == 0
+    assert "SEGGPT_WEIGHTS=demo (the default when unset)" in caplog.text
+    with zipfile.ZipFile(tmp_path / "pack.zip") as pack:
+        manifest = json.loads(pack.read("manifest.json"))
+    assert manifest["model"]["fingerprint"] == weights_fingerprint("demo")
+    assert manifest["model_version"] == model_version(weights_fingerprint("demo"), 0)
