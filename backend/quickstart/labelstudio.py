@@ -101,6 +101,8 @@ def _run_install(root: Path, venv: Path, env: Mapping[str, str], log_path: Path,
                 try:
                     line = lines.get(timeout=1.0)
                 except queue.Empty:
+                    if proc.poll() is not None:
+                        break  # it exited; a straggler still holding its output is stopped below
                     if time.monotonic() - last_said >= 15:
                         say(f"  still installing Label Studio ({time.monotonic() - started:.0f} s)")
                         last_said = time.monotonic()
@@ -116,13 +118,13 @@ def _run_install(root: Path, venv: Path, env: Mapping[str, str], log_path: Path,
                         last_said = time.monotonic()
             rc = proc.wait()
         finally:
-            if proc.poll() is None:  # interrupted: take the install down with us
-                _kill_group(proc, signal.SIGTERM)
-                try:
-                    proc.wait(STOP_WAIT_S)
-                except subprocess.TimeoutExpired:
-                    _kill_group(proc, signal.SIGKILL)
-                    proc.wait()
+            _kill_group(proc, signal.SIGTERM)  # interrupted, or something it started is still there
+            try:
+                proc.wait(STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_group(proc, signal.SIGKILL)
+            proc.wait()
     if rc != 0:
         raise QuickstartError(f"installing Label Studio {LS_VERSION} failed ({INSTALL_SCRIPT} exited with {rc}: "
                               f"{last_line[:200] or 'no output'}); see {log_path}")
