@@ -115,8 +115,7 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_missing_sources(tmp_path, monkeypatch):
     monkeypatch.delenv("SEGGPT_WEIGHTS", raising=False)
-    with pytest.raises(WeightsError, match="SEGGPT_WEIGHTS"):
-        load_seggpt()
+    assert load_seggpt().is_demo  # nothing configured: the documented default, the bundled demo
     with pytest.raises(WeightsError, match="neither a file"):
         load_seggpt(tmp_path / "nope.pth")
     (tmp_path / "empty").mkdir()
@@ -149,15 +148,15 @@ def test_hub_id_found_in_cache(tmp_path, tiny_model, monkeypatch):
     assert same_weights(load_seggpt("BAAI/seggpt-vit-large"), tiny_model)
 
 
-def test_demo_source_and_no_weights_message(monkeypatch, tmp_path, tiny_model):
+def test_demo_source_is_the_default(monkeypatch, tmp_path, tiny_model):
     import seggpt_model.weights as W
     monkeypatch.delenv("SEGGPT_WEIGHTS", raising=False)
-    with pytest.raises(WeightsError, match="'demo'.*hub id"):
-        load_seggpt()
     fake_demo = save_checkpoint(tiny_model, tmp_path / "demo" / "seggpt_demo.safetensors")
     monkeypatch.setattr(W, "DEMO_WEIGHTS", fake_demo)
     model = load_seggpt("demo")
     assert model.is_demo and same_weights(model, tiny_model)
+    default = load_seggpt()  # no argument, no SEGGPT_WEIGHTS: the demo
+    assert default.is_demo and same_weights(default, tiny_model)
     assert load_seggpt(str(fake_demo)).is_demo  # the bundled file named by its path is still the demo
     own = shutil.copy(fake_demo, tmp_path / "mine.safetensors")
     assert not load_seggpt(own).is_demo  # the same weights elsewhere are a user's checkpoint
