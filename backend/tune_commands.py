@@ -95,6 +95,10 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     for row in report["versions"]:
         share = f"{row['accepted_share']:.1%}" if row["accepted_share"] is not None else "-"
         print(f"{row['model_version']:<28} {row['tasks']:>5} {row['mean_iou']:>9.3f} {share:>9}")
+    left_out = report.get("left_out") or {}
+    if any(left_out.values()):
+        print(f"left out: {left_out.get('after_annotation', 0)} pre-labels made after their annotation was started, "
+              f"{left_out.get('undated', 0)} without a readable time")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.json").write_text(json.dumps(report, indent=2))

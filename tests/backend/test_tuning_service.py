@@ -232,6 +232,8 @@ def test_tune_command_follows_the_job_and_writes_its_report(settings, store, bac
 
 def _report_ls(server):  # noqa: F811
     tasks, _ = project_tasks()
+    late = {**tasks[0]["predictions"][0], "model_version": "seggpt-abcdef12-v9", "created_at": "2099-01-01T00:00:00Z"}
+    tasks[0]["predictions"].append(late)  # made after the annotation: left out of the report
     ls = FakeLabelStudio(server, tasks=tasks)
     server.route("GET", "/api/projects/1/", ls.authed(lambda r: Reply.json({"id": 1, "label_config": REPORT_CONFIG})))
     return ls
@@ -260,5 +262,6 @@ def test_report_endpoints_and_command(settings, store, predictor, server, tmp_pa
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert "seggpt-abcdef12-v2" in printed and "100.0%" in printed
+    assert "left out: 1 pre-labels made after their annotation was started" in printed and "v9" not in printed
     assert json.loads((tmp_path / "rep" / "report.json").read_text()) == report
     assert Image.open(tmp_path / "rep" / "report.png").format == "PNG"
