@@ -22,7 +22,7 @@ COPY setup.cfg pyproject.toml README.md /tmp/src/
 COPY seggpt_model /tmp/src/seggpt_model
 COPY backend /tmp/src/backend
 # Naming the pins again keeps pip from swapping the wheel chosen above for another build.
-RUN pip install "/tmp/src[backend]" torch==2.14.1 torchvision==0.29.1 && rm -rf /tmp/src
+RUN pip install /tmp/src torch==2.14.1 torchvision==0.29.1 && rm -rf /tmp/src
 
 # Non-root; /data holds the Hugging Face cache (weights downloaded at first start) and, when no
 # REDIS_URL is set, the embedded Redis file. Mount a checkpoint read-only instead with
