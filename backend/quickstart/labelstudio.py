@@ -191,6 +191,9 @@ class LabelStudioProcess:
             if self.proc is None or self.proc.poll() is not None:
                 raise QuickstartError(f"Label Studio exited with status {self.proc.returncode if self.proc else '?'} "
                                       f"before it was ready: {self.log_reason()}; see {self.log_path}")
+            if f"Port {self.port} is in use" in self._this_start():  # it moved to another port
+                raise QuickstartError(f"LS_PORT={self.port} is taken: something took port {self.port} while "
+                                      "Label Studio started; stop it or choose another LS_PORT")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -207,15 +210,19 @@ class LabelStudioProcess:
 
     def log_reason(self) -> str:
         """The last telling line of Label Studio's log (an exception, an error), for one-line messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "no log"
-        lines = [ln.strip() for ln in text.rsplit("\n=== ", 1)[-1].splitlines()[1:] if ln.strip()]
+        lines = [ln.strip() for ln in self._this_start().splitlines() if ln.strip()]
         for line in reversed(lines):
             if any(word in line for word in ("Error", "error", "Exception", "WARNING", "refused")):
                 return line[:200]
         return lines[-1][:200] if lines else "no output"
+
+    def _this_start(self) -> str:
+        """What Label Studio logged since this start."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text.rsplit("\n=== ", 1)[-1].partition("\n")[2]
 
     def terminate(self) -> None:
         """SIGTERM to the whole group (Label Studio may have children); does not wait."""
@@ -250,6 +257,10 @@ def create_token(url: str, email: str, password: str) -> str:
                 raise QuickstartError(f"logging in to Label Studio as {email} failed (HTTP {login.status_code}): "
                                       "the password in login.json does not match its database")
             response = client.post("/api/token/", headers={"X-CSRFToken": client.cookies.get("csrftoken") or ""})
+            if response.status_code == 409:  # one per user: made by a start cut short before saving it
+                raise QuickstartError(f"Label Studio already holds an access token for {email} that login.json "
+                                      "does not have; revoke it in Label Studio (Account & Settings > Personal "
+                                      "Access Token) and start again")
             if response.status_code != 201:
                 raise QuickstartError(f"Label Studio refused to create an access token (HTTP {response.status_code})")
             return response.json()["token"]

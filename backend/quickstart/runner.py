@@ -148,8 +148,7 @@ def _run(args: argparse.Namespace, signals: Signals) -> int:
         ls.start()
         stack.callback(ls.stop)
         ls.wait_ready(timeout=600 if cold else 180, say=say)
-        login = _with_token(login, ls, ls_port)
-        write_login(layout.login_file, login)
+        login = _with_token(login, ls, ls_port, layout)
 
         settings, basic_auth = _backend_settings(login)
         backend_url = _reachable_url(host, port)
@@ -177,19 +176,19 @@ def _run(args: argparse.Namespace, signals: Signals) -> int:
         stack.close()
 
 
-def _with_token(login: Login, ls: LabelStudioProcess, ls_port: int) -> Login:
-    """A working personal access token of our superuser, and proof that this is our Label Studio."""
-    token = login.token
-    email = whoami(ls.url, token) if token else None
-    if token and email is None:
-        say("the saved access token was refused; making a new one")
+def _with_token(login: Login, ls: LabelStudioProcess, ls_port: int, layout: Layout) -> Login:
+    """A working personal access token of our superuser (saved), and proof that this is our Label Studio."""
+    email = whoami(ls.url, login.token) if login.token else None
+    if login.token and email is None:
+        say("the saved access token was refused (revoked?); making a new one")
     if email is None:
-        token = create_token(ls.url, login.email, login.password)
-        email = whoami(ls.url, token)
+        login = replace(login, token=create_token(ls.url, login.email, login.password))
+        write_login(layout.login_file, login)  # at once: Label Studio gives a user one token only
+        email = whoami(ls.url, login.token)
     if email != login.email or ls.proc.poll() is not None:
         raise QuickstartError(f"the Label Studio answering on LS_PORT={ls_port} is not the one this command "
                               f"started; stop whatever else uses port {ls_port}")
-    return replace(login, token=token)
+    return login
 
 
 def _backend_settings(login: Login):
