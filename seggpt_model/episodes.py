@@ -183,24 +183,29 @@ class Task:
         distractors = [distractor_of(self.targets[int(rng.integers(n_targets))], rng, domain) for _ in range(3)]
         self.distractors = [d for d in distractors if d not in self.targets]
 
-    def scene(self, size: int, with_targets: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def scene(self, size: int, with_targets: bool = True, object_px: tuple[float, float] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
         inst = [(t, i + 1) for i, t in enumerate(self.targets)
                 for _ in range(int(rng.integers(1, 3)))] if with_targets else []
         inst += [(d, 0) for d in self.distractors if rng.random() < self.distractor_prob]
         order = rng.permutation(len(inst))
-        return render_scene([inst[i] for i in order], size, rng)
+        return render_scene([inst[i] for i in order], size, rng, object_px)
 
 
 def make_episode(seed: int, size: int = 128, domain: str = "train", absent_prob: float = 0.1,
-                 multi_prob: float = 0.3, num_prompts: int = 1) -> Episode:
-    """Prompt scene(s) and a query scene of one task; the same seed always gives the same episode."""
+                 multi_prob: float = 0.3, num_prompts: int = 1, object_px: tuple[float, float] | None = None
+                 ) -> Episode:
+    """Prompt scene(s) and a query scene of one task; the same seed always gives the same episode.
+
+    ``object_px`` (low, high) overrides the objects' width (default 0.2-0.42 of ``size``).
+    """
     rng = np.random.default_rng(seed)
     task = Task(rng, domain, multi_prob)
     present = rng.random() >= absent_prob
-    p_img, p_lab = task.scene(size)
-    q_img, q_lab = task.scene(size, present)
-    extra = [task.scene(size) for _ in range(num_prompts - 1)]
+    p_img, p_lab = task.scene(size, object_px=object_px)
+    q_img, q_lab = task.scene(size, present, object_px)
+    extra = [task.scene(size, object_px=object_px) for _ in range(num_prompts - 1)]
     return Episode(p_img, p_lab, q_img, q_lab, len(task.targets), bool(present and q_lab.any()), extra,
                    task.distractor_prob > 0)
 

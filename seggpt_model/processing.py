@@ -141,7 +141,11 @@ def label_scores(painted: torch.Tensor, num_labels: int) -> torch.Tensor:
 
 def decode(painted: torch.Tensor, num_labels: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Query half (3, S, S) normalised -> (label map HxW int32, scores (L+1)xHxW) at ``size`` (H, W)."""
-    scores = label_scores(denormalize(painted), num_labels)
+    return decode_scores(label_scores(denormalize(painted), num_labels), size)
+
+
+def decode_scores(scores: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(L+1, h, w) scores -> (label map HxW int32, scores (L+1)xHxW): upsampled once to ``size`` (H, W)."""
     scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
     return scores.argmax(0).to(torch.int32).cpu().numpy(), scores.cpu().numpy()
 

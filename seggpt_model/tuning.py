@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load, save
 
 from . import processing as P
+from . import tiling as T
 from .metrics import mean_iou
 from .modeling import IMAGENET_MEAN, IMAGENET_STD, SegGPT
 from .training import foreground_weights, seggpt_loss
@@ -170,6 +171,35 @@ def choose_init(predictor, examples: Sequence[tuple[object, object]], num_labels
         if score > best_score:
             best, best_score = i, score
     return best
+
+
+def scale_matched_examples(examples: Sequence[tuple[object, object]], tiling: T.TilingConfig, canvas: int,
+                           max_crops: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, label map) examples at the working scale serving paints at: what to tune on.
+
+    Serving with ``tiling="auto"`` shows the model crops and tiles of ``tiling.crop_side``
+    px, not whole large images, so a prompt tuned on whole images learns objects at the wrong
+    size.  An example already at scale (objects in range, or no larger than the crop) stays
+    whole; a larger one gives up to ``max_crops`` crops around its labelled regions (with the
+    background around them).  Examples that label nothing leave no scale to match: all whole.
+    ``canvas`` is the model's ``image_size``; returns HxWx3 uint8 / HxW int64 pairs.
+    """
+    pairs = [(P.to_rgb_array(img), P.to_label_map(lab)) for img, lab in examples]
+    for i, (rgb, lab) in enumerate(pairs):
+        if lab.shape != rgb.shape[:2]:
+            raise ValueError(f"example {i}: label map {lab.shape} does not match its image {rgb.shape[:2]}")
+    size = T.object_size([lab for _, lab in pairs])
+    if size is None:
+        return pairs
+    side = T.crop_side(size, canvas, tiling)
+    out = []
+    for rgb, lab in pairs:
+        longest = max(lab.shape)
+        if longest <= side or T.in_range(size, longest, tiling):
+            out.append((rgb, lab))
+        else:
+            out.extend((rgb[y:y + h, x:x + w], lab[y:y + h, x:x + w]) for y, x, h, w in T.crop_boxes(lab, side, max_crops))
+    return out
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
