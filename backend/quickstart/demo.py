@@ -105,10 +105,11 @@ def connect_backend(api: Api, project: int, backend_url: str, basic_auth: tuple[
     if basic_auth:
         body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth[0], basic_auth_pass=basic_auth[1])
     found = api.get("/api/ml/", project=project) or []
-    ours = [m for m in found if m.get("url", "").rstrip("/") in {backend_url, (previous_url or "").rstrip("/")}]
-    if ours or found:  # PATCH must carry url and project, or Label Studio answers 500
-        ml = api.call("PATCH", f"/api/ml/{(ours or found)[0]['id']}", json=body)
-    else:
+    urls = {backend_url, (previous_url or "").rstrip("/")}
+    ours = [m for m in found if m.get("url", "").rstrip("/") in urls or m.get("title") == ML_TITLE]
+    if ours:  # PATCH must carry url and project, or Label Studio answers 500
+        ml = api.call("PATCH", f"/api/ml/{ours[0]['id']}", json=body)
+    else:  # a backend the user connected is left alone
         ml = api.call("POST", "/api/ml/", json=body)
     if ml.get("state") == "ER":
         raise QuickstartError(f"Label Studio cannot use the backend at {backend_url}: "

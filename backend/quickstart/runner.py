@@ -122,8 +122,11 @@ def _run(args: argparse.Namespace, signals: Signals) -> int:
     if env.get("LABEL_STUDIO_URL", "").strip():
         say("LABEL_STUDIO_URL is set, but quickstart runs its own Label Studio and ignores it "
             "(`seggpt-backend serve` serves the one it names)")
-    layout.root.mkdir(parents=True, exist_ok=True)
-    layout.root.chmod(0o700)  # Label Studio's database and secret key, and login.json, live here
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout.root.chmod(0o700)  # Label Studio's database and secret key, and login.json, live here
+    except OSError as exc:
+        raise QuickstartError(f"cannot use {layout.root} ({exc.strerror or exc}); check MODEL_DIR") from None
 
     stack = ExitStack()
     try:
