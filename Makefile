@@ -18,10 +18,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 setup: $(VENV)/.installed
 
-## The main job. Without LABEL_STUDIO_URL: the whole loop on this machine (`seggpt-backend quickstart`:
-## Label Studio on $(LS_PORT, default 8080), the backend on 127.0.0.1:$(PORT), a pre-labelled demo project).
-## With LABEL_STUDIO_URL: only the backend that Label Studio connects to (on $(HOST), default 0.0.0.0).
-## `exec`: make's child is the server itself, so the SIGTERM make forwards reaches it.
+## The main job. Without LABEL_STUDIO_URL, the whole loop on this machine (`seggpt-backend quickstart`):
+## Label Studio on port LS_PORT (8080), the backend on HOST:PORT (127.0.0.1:9090) and a pre-labelled demo
+## project; Ctrl-C stops it all. With LABEL_STUDIO_URL, only the backend that Label Studio connects to
+## (HOST 0.0.0.0). `exec` makes the server make's own child, so the SIGTERM that make forwards reaches it.
 run: setup
 ifeq ($(strip $(LABEL_STUDIO_URL)),)
 	exec $(VENV)/bin/seggpt-backend quickstart --host $(or $(HOST),127.0.0.1) --port $(PORT)

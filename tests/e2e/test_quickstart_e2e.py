@@ -314,30 +314,43 @@ def test_a_deleted_project_is_made_again_and_basic_auth_reaches_the_webhook(cold
             run.kill()
 
 
-@pytest.mark.parametrize("name", ["LS_PORT", "PORT"])
-def test_a_taken_port_is_refused_and_nothing_is_left(ls_installed: None, workdir: Path, name: str) -> None:
-    model_dir = workdir / f"busy-{name}"
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        taken = busy.getsockname()[1]
-        ports = {"ls_port": taken, "port": free_port()} if name == "LS_PORT" else {"ls_port": free_port(), "port": taken}
-        run = start(model_dir, log=workdir / f"busy-{name}.log", **ports)
-        assert run.wait_exit(120) == 1
-    assert f"{name}={taken} is taken" in run.output and "Traceback" not in run.output
+@pytest.fixture(scope="module")
+def refused(ls_installed: None, workdir: Path) -> Iterator[dict[str, tuple[Quickstart, str]]]:
+    """Three starts that must be refused, run side by side (each spends most of its time importing):
+    a taken LS_PORT, a taken backend PORT, and a login.json cut short. Values: (run, what it names)."""
+    damaged = workdir / "damaged" / "label-studio" / "login.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text('{"url": "http://127.0.0.1:8080", "email": "admin@localhost"')  # cut short
+    with socket.socket() as busy_ls, socket.socket() as busy_backend:
+        for sock in (busy_ls, busy_backend):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        ls_port, port = busy_ls.getsockname()[1], busy_backend.getsockname()[1]
+        runs = {
+            "LS_PORT": (start(workdir / "busy-ls", ls_port, free_port(), workdir / "busy-ls.log"),
+                        f"LS_PORT={ls_port} is taken"),
+            "PORT": (start(workdir / "busy-backend", free_port(), port, workdir / "busy-backend.log"),
+                     f"PORT={port} is taken"),
+            "login.json": (start(workdir / "damaged", free_port(), free_port(), workdir / "damaged.log"),
+                           f"{damaged} is damaged (not JSON); delete {damaged.parent} to start over"),
+        }
+        try:
+            for run, _ in runs.values():
+                run.wait_exit(120)
+            yield runs
+        finally:
+            for run, _ in runs.values():
+                if run.proc.poll() is None:
+                    run.kill()
+
+
+@pytest.mark.parametrize("case", ["LS_PORT", "PORT", "login.json"])
+def test_a_bad_start_is_refused_in_one_line_and_leaves_nothing(refused: dict, case: str) -> None:
+    run, reason = refused[case]
+    assert run.proc.returncode == 1
+    assert reason in run.output and "Traceback" not in run.output, run.output
     assert not started_by(run)
-    assert not (model_dir / "label-studio" / "data").exists()
-
-
-def test_a_damaged_login_json_is_named_and_nothing_is_made(ls_installed: None, workdir: Path) -> None:
-    model_dir = workdir / "damaged"
-    login = model_dir / "label-studio" / "login.json"
-    login.parent.mkdir(parents=True)
-    login.write_text('{"url": "http://127.0.0.1:8080", "email": "admin@localhost"')  # cut short
-    run = start(model_dir, free_port(), free_port(), workdir / "damaged.log")
-    assert run.wait_exit(120) == 1
-    assert f"{login} is damaged (not JSON)" in run.output and f"delete {login.parent}" in run.output
-    assert not (model_dir / "label-studio" / "data").exists() and not started_by(run)
+    assert not (run.model_dir / "label-studio" / "data").exists()  # Label Studio never started
 
 
 def test_times() -> None:
