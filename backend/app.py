@@ -119,7 +119,7 @@ def create_app(settings: Settings, backend: SegGPTBackend | None = None) -> Fast
                                 headers={"Location": f"setup-refused/{slug('annotations-unusable-' + exc.fix)}"})
         return JSONResponse({"model_version": version})
 
-    @app.api_route("/setup-refused/{fix}", methods=["GET", "POST"], status_code=422)
+    @app.post("/setup-refused/{fix}", status_code=422)
     async def setup_refused(fix: str) -> JSONResponse:
         """Where a refused /setup points; the path says the fix (see /setup)."""
         return JSONResponse({"detail": fix.replace("-", " ")}, status_code=422)
