@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 # Who started this process, read before the slow imports below: a long-running command arms the
 # parent-death signal later and must notice a parent that died in between (see guard.py).
@@ -23,7 +24,8 @@ from backend.tune_commands import add_commands as add_tune_commands  # noqa: E40
 from backend.worker import embedded_worker  # noqa: E402
 from seggpt_model import WeightsError  # noqa: E402
 
-LONG_RUNNING = ("serve", "quickstart", "worker")  # stopped with their parent (make run, serve's worker)
+LONG_RUNNING = ("serve", "quickstart", "worker")
+STOP_WITH_PARENT = "SEGGPT_STOP_WITH_PARENT"  # quickstart sets it for the worker it starts
 
 
 def without_traceback(record: logging.LogRecord) -> bool:
@@ -39,6 +41,19 @@ def without_traceback(record: logging.LogRecord) -> bool:
     return True
 
 
+def stops_with_parent(command: str) -> bool:
+    """Whether this process arms the parent-death signal (SIGTERM when the process that started it exits).
+
+    quickstart always (it owns Label Studio and everything else it started); serve and worker when
+    a make recipe started them (``make run``: MAKELEVEL is set) or a quickstart did. A plain
+    ``seggpt-backend serve`` keeps outliving its shell as before (``setsid -f``, ``& disown``), and
+    nothing is armed under ``nohup`` (SIGHUP ignored): that asks to outlive the parent.
+    """
+    if command not in LONG_RUNNING or signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        return False
+    return command == "quickstart" or bool(os.environ.get("MAKELEVEL")) or os.environ.get(STOP_WITH_PARENT) == "1"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``seggpt-backend`` console script and ``python -m backend``."""
     parser = argparse.ArgumentParser(prog="seggpt-backend",
@@ -52,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     add_pack_commands(commands)
     add_tune_commands(commands)
     args = parser.parse_args(argv)
-    if args.command in LONG_RUNNING:
+    if stops_with_parent(args.command):
         arm_parent_death_signal(STARTED_BY)
     if args.command == "quickstart" and not os.environ.get("LOG_LEVEL", "").strip():
         os.environ["LOG_LEVEL"] = "WARNING"  # keep the ready block in view; LOG_LEVEL=INFO shows more

@@ -62,9 +62,11 @@ class Signals:
     def __init__(self) -> None:
         self.received: int | None = None
         self._stopping = False
+        # under nohup SIGHUP stays ignored: closing the terminal is not a stop request then
+        self._watched = [s for s in self.STOP if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)]
 
     def install(self) -> None:
-        for sig in self.STOP:
+        for sig in self._watched:
             signal.signal(sig, self._handle)
 
     def quiet(self) -> None:
@@ -263,6 +265,7 @@ def _start_backend(settings, listener: socket.socket, stack: ExitStack, signals:
     # break its start-up imports with a traceback; it is stopped in order below, and RQ takes SIGINT
     # over once it runs.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["SEGGPT_STOP_WITH_PARENT"] = "1"  # the worker dies with this process (backend.cli)
     stack.enter_context(embedded_worker(settings))
     signals.install()  # back to ours; the worker block also put its own SIGTERM handler in
     server = _BackendThread(app, listener, settings.log_level)

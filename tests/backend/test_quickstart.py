@@ -422,3 +422,34 @@ def test_label_studio_moving_to_another_port_is_refused_and_stopped(tmp_path: Pa
 
 def children(pid: int) -> list[int]:
     return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+@pytest.mark.parametrize("command, env, expected", [
+    ("quickstart", {}, True),
+    ("serve", {}, False),  # a plain serve may outlive its shell, as before (setsid -f, & disown)
+    ("serve", {"MAKELEVEL": "1"}, True),  # make run
+    ("worker", {"SEGGPT_STOP_WITH_PARENT": "1"}, True),  # the worker a quickstart starts
+    ("worker", {}, False),
+    ("prelabel", {"MAKELEVEL": "1"}, False),  # short commands: nothing to guard
+])
+def test_which_commands_stop_with_their_parent(monkeypatch: pytest.MonkeyPatch, command: str, env: dict,
+                                               expected: bool) -> None:
+    from backend import cli
+
+    for name in ("MAKELEVEL", "SEGGPT_STOP_WITH_PARENT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli.signal, "getsignal", lambda sig: signal.SIG_DFL)
+    assert cli.stops_with_parent(command) is expected
+    monkeypatch.setattr(cli.signal, "getsignal", lambda sig: signal.SIG_IGN)  # under nohup: never
+    assert cli.stops_with_parent(command) is False
+
+
+def test_nohup_keeps_sighup_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        signals = Signals()
+        assert signal.SIGHUP not in signals._watched and signal.SIGTERM in signals._watched
+    finally:
+        signal.signal(signal.SIGHUP, previous)
