@@ -72,6 +72,9 @@ def ensure_installed(env: Mapping[str, str], log_path: Path, say: Say) -> Path:
     if found == LS_VERSION:
         return venv
     root = checkout_root()
+    if found and env.get("LS_VENV", "").strip():  # someone else's Label Studio: not ours to change
+        raise QuickstartError(f"LS_VENV={venv} holds label-studio {found}, quickstart needs {LS_VERSION}: run "
+                              f"`{venv}/bin/pip install label-studio=={LS_VERSION}`, or point LS_VENV elsewhere")
     if root is None:  # an installed wheel: the install script is not part of it
         pip = f"python3 -m venv {venv or '~/.ls-venv'} && {venv or '~/.ls-venv'}/bin/pip install label-studio=={LS_VERSION}"
         where = f"{venv} has label-studio {found}" if found else (

@@ -453,3 +453,11 @@ def test_nohup_keeps_sighup_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
         assert signal.SIGHUP not in signals._watched and signal.SIGTERM in signals._watched
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_named_label_studio_of_another_version_is_left_alone(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(labelstudio, "installed_version", lambda venv: "1.20.0")
+    monkeypatch.setattr(labelstudio, "_run_install", lambda *a: pytest.fail("must not install over it"))
+    with pytest.raises(QuickstartError, match=r"holds label-studio 1\.20\.0, quickstart needs 1\.23\.2"):
+        labelstudio.ensure_installed({"LS_VENV": str(tmp_path / "v")}, tmp_path / "install.log", print)
