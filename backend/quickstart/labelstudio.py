@@ -214,8 +214,8 @@ class LabelStudioProcess:
     def log_reason(self) -> str:
         """The last telling line of Label Studio's log (an exception, an error), for one-line messages."""
         lines = [ln.strip() for ln in self._this_start().splitlines() if ln.strip()]
-        for line in reversed(lines):
-            if any(word in line for word in ("Error", "error", "Exception", "WARNING", "refused")):
+        for line in reversed(lines):  # an exception's last line, or an error message
+            if any(word in line for word in ("Error", "error", "Exception", "refused")) and "[INFO]" not in line:
                 return line[:200]
         return lines[-1][:200] if lines else "no output"
 
