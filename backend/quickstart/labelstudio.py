@@ -128,6 +128,7 @@ def _run_install(root: Path, venv: Path, env: Mapping[str, str], log_path: Path,
                 pass
             _kill_group(proc, signal.SIGKILL)
             proc.wait()
+            proc.stdout.close()
     if rc != 0:
         raise QuickstartError(f"installing Label Studio {LS_VERSION} failed ({INSTALL_SCRIPT} exited with {rc}: "
                               f"{last_line[:200] or 'no output'}); see {log_path}")
