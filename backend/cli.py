@@ -19,7 +19,7 @@ from backend.pack_commands import add_commands as add_pack_commands  # noqa: E40
 from backend.quickstart.guard import arm_parent_death_signal, stop_embedded_redis  # noqa: E402
 from backend.quickstart.runner import add_command as add_quickstart_command, quickstart  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from backend.store import connect  # noqa: E402
+from backend.store import STARTED_EMBEDDED, connect  # noqa: E402
 from backend.tune_commands import add_commands as add_tune_commands  # noqa: E402
 from backend.worker import embedded_worker  # noqa: E402
 from seggpt_model import WeightsError  # noqa: E402
@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "quickstart":
         parser.exit(quickstart(args))
     if args.command != "serve":
-        parser.exit(args.run(settings, args))
+        try:
+            code = args.run(settings, args)
+        finally:  # a short command does not leave behind an embedded redis-server it started
+            for client in STARTED_EMBEDDED:
+                stop_embedded_redis(client)
+        parser.exit(code)
     try:
         app = create_app(settings)
     except WeightsError as exc:

