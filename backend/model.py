@@ -36,6 +36,8 @@ NO_PROMPTS = ("no annotated examples yet: annotate a few tasks (brush, polygon o
 NO_CLIENT = ("; annotations saved before the backend was connected are read from Label Studio only when "
              "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set on the backend")
 BACKFILLING = "no prompts yet: the project's existing annotations are being read from Label Studio; retry shortly"
+ONLY_OWN_EXAMPLE = ("this task's own annotation is the project's only example, and a task is never prompted by "
+                    "itself: annotate another task")
 SETUP_WAIT_S = 2.0  # /setup waits this long for a backfill it started (Label Studio gives /setup 3 s)
 PREDICT_WAIT_S = 60.0  # /predict waits this long for a running backfill (Label Studio gives /predict 100 s)
 BACKFILL_RETRY_S = 300.0  # a project whose annotations could not all be used is read again after this long
@@ -172,7 +174,8 @@ class SegGPTBackend:
         self._await_backfill(key, PREDICT_WAIT_S)
         if not self._has_prompts(key):  # annotations in the request itself can still become prompts
             self.bank.backfill(key, list(controls), [t for t in tasks if t.get("annotations")])
-        choice = self.selector.select(key, list(controls), len(tasks), lambda i, k: self._query_image(tasks[i], k))
+        choice = self.selector.select(key, list(controls), len(tasks), lambda i, k: self._query_image(tasks[i], k),
+                                      [_task_id(t) for t in tasks])
         current = version_string(self.fingerprint, choice.version)
         if not choice.has_prompts():
             reason = self.no_prompts_reason(key)
@@ -250,6 +253,8 @@ class SegGPTBackend:
     def _predict_task(self, task: dict, controls: tuple[ControlSpec, ...], prompts: dict[str, list[Prompt]],
                       tuned: dict[str, TunedPrompt], predictor: SegGPTPredictor, current: str,
                       context: dict | None) -> dict:
+        if not tuned and not any(prompts.values()):  # its own annotation is the project's only example
+            return _unpredicted(current, ONLY_OWN_EXAMPLE, context)
         images = {}
         results: list[dict] = []
         for control in controls:
@@ -342,6 +347,13 @@ class SegGPTBackend:
             log.debug("backfill failure", exc_info=True)
         else:
             self.store.clear_problems(key, [BACKFILL_PROBLEM])
+
+
+def _task_id(task: dict) -> int | None:
+    try:
+        return int(task["id"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _unpredicted(current: str, reason: str, context: dict | None) -> dict:

@@ -9,7 +9,7 @@ version, so a prediction never mixes prompts of two versions under one model_ver
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,9 +71,12 @@ class PromptSelector:
         self.settings = settings
 
     def select(self, project: str, controls: list[ControlSpec], count: int,
-               query_image: Callable[[int, str], Image.Image | None]) -> PromptChoice:
+               query_image: Callable[[int, str], Image.Image | None],
+               query_tasks: Sequence[int | None] = ()) -> PromptChoice:
         """Prompts for ``count`` queries; ``query_image(i, data key)`` is query i's image
         (None when unreadable: it gets the newest entries), asked only for ``similar``.
+        ``query_tasks[i]`` is query i's task id: a task is never prompted by its own
+        annotation (opening an annotated task would otherwise "predict" the annotation back).
 
         Everything comes from one manifest; should it leave the history while its bytes
         are read (many changes in between), the selection starts over on the new one.
@@ -98,10 +101,12 @@ class PromptSelector:
                 if control.name in tuned:
                     k = 0 if prefs["tuned_prompt"] == "alone" else max(1, k - 1)
                 metas = self.store.entry_metas(project, control.name, state) if k else []
-                similar = prefs["prompt_selection"] == "similar" and len(metas) > k
                 for i in range(count):
+                    own = query_tasks[i] if i < len(query_tasks) else None
+                    others = [m for m in metas if own is None or m["task_id"] != own]
+                    similar = prefs["prompt_selection"] == "similar" and len(others) > k
                     emb = embedding(i, control.value_key) if similar else None
-                    picked[i][control.name] = rank(metas, control.value_key, emb)[:k]
+                    picked[i][control.name] = rank(others, control.value_key, emb)[:k]
             needed = {t for p in picked for ts in p.values() for t in ts}
             read, entries = self.store.entries(project, replace(state, entries={t: state.entries[t] for t in needed}))
             if read.version == state.version:

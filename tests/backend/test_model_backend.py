@@ -129,9 +129,9 @@ def test_an_unreadable_image_empties_only_its_task(backend, image_server, brush_
     annotate(backend, image_server, brush_config, n=1)
     good, _ = image_server.add_scene("good.png", seed=5)
     (image_server.root / "broken.png").write_bytes(b"not an image at all")
-    tasks = [{"id": 1, "data": {"image": good}}, {"id": 2, "data": {"image": image_server.url("missing.png")}},
-             {"id": 3, "data": {"image": image_server.url("broken.png")}}, {"id": 4, "data": {"text": "x"}},
-             {"id": 5, "data": {"image": good}}]
+    tasks = [{"id": 11, "data": {"image": good}}, {"id": 12, "data": {"image": image_server.url("missing.png")}},
+             {"id": 13, "data": {"image": image_server.url("broken.png")}}, {"id": 14, "data": {"text": "x"}},
+             {"id": 15, "data": {"image": good}}]
     predictions = backend.predict(tasks, project="1", label_config=brush_config)
     assert len(predictions) == 5
     assert [bool(p.get("result")) for p in predictions] == [True, False, False, False, True]
@@ -211,3 +211,11 @@ def test_first_sight_of_a_project_backfills_from_label_studio(settings, store, p
     [prediction] = backend.predict([{"id": 2, "data": {"image": url}}], project="1", label_config=brush_config)
     assert prediction["result"]
     assert len(server.hits("/api/tasks/")) == 1  # later calls do not backfill again
+
+
+def test_an_annotated_task_is_prompted_by_the_others_not_itself(backend, image_server, brush_config) -> None:
+    annotate(backend, image_server, brush_config, n=3)  # tasks 1..3
+    controls = parse_label_config(brush_config)
+    choice = backend.selector.select("1", controls, 2, lambda i, k: None, [2, 99])
+    assert sorted(choice.picked[0]["tag"]) == [1, 3]  # task 2 itself is left out
+    assert sorted(choice.picked[1]["tag"]) == [1, 2, 3]

@@ -11,7 +11,7 @@ from backend.app import create_app
 from backend.bank import problem_key
 from backend.label_config import parse_label_config
 from backend.ls_client import LabelStudioClient
-from backend.model import NO_PROMPTS, SegGPTBackend
+from backend.model import NO_PROMPTS, ONLY_OWN_EXAMPLE, SegGPTBackend
 from backend.problems import BACKFILL_PROBLEM, describe, fix_for, slug
 from backend.results import label_map_to_results
 from backend.settings import Settings
@@ -122,8 +122,9 @@ def test_annotations_in_the_predict_request_become_prompts(client, image_server,
         {"id": 11, "task": 3, "was_cancelled": False, "result": label_map_to_results(label_map, None, control,
                                                                                    min_area=1)}]}
     body = {"project": PROJECT, "label_config": brush_config, "tasks": [labelled, {"id": 4, "data": {"image": url}}]}
-    results = client.post("/predict", json=body).json()["results"]
-    assert all("reason" not in r and r["model_version"].endswith("-v1") for r in results)
+    own, other = client.post("/predict", json=body).json()["results"]
+    assert "reason" not in other and other["result"] and other["model_version"].endswith("-v1")
+    assert own["reason"] == ONLY_OWN_EXAMPLE and "result" not in own  # never prompted by its own annotation
 
 
 def test_a_rejected_token_is_named_and_a_restart_with_a_good_one_backfills_at_setup(
