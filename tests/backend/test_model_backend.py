@@ -217,5 +217,6 @@ def test_an_annotated_task_is_prompted_by_the_others_not_itself(backend, image_s
     annotate(backend, image_server, brush_config, n=3)  # tasks 1..3
     controls = parse_label_config(brush_config)
     choice = backend.selector.select("1", controls, 2, lambda i, k: None, [2, 99])
-    assert sorted(choice.picked[0]["tag"]) == [1, 3]  # task 2 itself is left out
-    assert sorted(choice.picked[1]["tag"]) == [1, 2, 3]
+    k = backend.settings.num_prompts
+    assert k == 2 and sorted(choice.picked[0]["tag"]) == [1, 3]  # task 2 itself is left out
+    assert choice.picked[1]["tag"] == [3, 2]  # any other query: the newest k
