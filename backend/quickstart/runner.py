@@ -202,8 +202,6 @@ def _backend_settings(login: Login):
 
     os.environ["LABEL_STUDIO_URL"] = login.url
     os.environ["LABEL_STUDIO_API_KEY"] = login.token
-    if not os.environ.get("SEGGPT_WEIGHTS", "").strip():
-        os.environ["SEGGPT_WEIGHTS"] = "demo"  # the demo project is made for the demo model
     try:
         settings = Settings.from_env(os.environ)
     except ValueError as exc:
@@ -332,9 +330,10 @@ def _wait_for_prompts(own: httpx.Client, project: int, need: int, timeout: float
         if entries >= need:
             return
         if time.monotonic() > deadline:
+            problems = _backend_json(own, "GET", f"/projects/{project}/problems").get("problems") or []
+            why = f": {problems[-1]['reason']}" if problems else "; see the backend's warnings above"
             raise QuickstartError(f"the backend did not turn the project's annotations into prompts within "
-                                  f"{timeout:.0f} s (GET {own.base_url}{path} shows {entries} of {need} entries); "
-                                  "see the backend's warnings above")
+                                  f"{timeout:.0f} s ({entries} of {need}){why}")
         time.sleep(0.5)
 
 
