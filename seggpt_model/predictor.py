@@ -88,9 +88,9 @@ class SegGPTPredictor:
 
     def predict(self, query, prompts: Sequence[Prompt] = (), num_labels: int | None = None,
                 seg_type: str = "instance", tuned: TunedPrompt | None = None,
-                tiling: TilingMode = "auto") -> Prediction:
+                tiling: TilingMode = "auto", refine: bool | None = None) -> Prediction:
         return self.predict_batch([query], prompts, num_labels=num_labels, seg_type=seg_type, tuned=tuned,
-                                  tiling=tiling)[0]
+                                  tiling=tiling, refine=refine)[0]
 
     def prepare_prompts(self, prompts: Sequence[Prompt], tuned: TunedPrompt | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -136,19 +136,23 @@ class SegGPTPredictor:
     @torch.inference_mode()
     def predict_batch(self, queries: Sequence, prompts: Sequence[Prompt] = (), num_labels: int | None = None,
                       seg_type: str = "instance", tuned: TunedPrompt | None = None,
-                      tiling: TilingMode = "auto") -> list[Prediction]:
+                      tiling: TilingMode = "auto", refine: bool | None = None) -> list[Prediction]:
         """Label maps for each query, all in context of the same prompts (and tuned prompt).
 
         ``tiling="auto"`` paints each query at the prompts' working scale (``tiling.py``): prompts
         cropped around their objects, the query in overlapping tiles blended before decoding.
         When the objects are large for the image that is one whole-image tile, the same answer
         as ``"off"`` (the whole image on one canvas).  ``Prediction.tiling`` says what was done.
+        ``refine`` snaps the upsampled scores to the image's edges (``refine.py``); by default it goes
+        with ``tiling``: on with ``"auto"``, off with ``"off"``, which stays the whole-image path of
+        before bit for bit.
         """
         if seg_type not in ("instance", "semantic"):
             raise ValueError(f"seg_type must be 'instance' or 'semantic', got {seg_type!r}")
         if tiling not in ("auto", "off"):
             raise ValueError(f"tiling must be 'auto' or 'off', got {tiling!r}")
         pairs = self._read_prompts(prompts, tuned)
+        refine = tiling == "auto" if refine is None else refine
         num_labels = max(num_labels or 0, _top_label(pairs, tuned), 1)
         if num_labels > P.MAX_LABELS:
             raise ValueError(f"at most {P.MAX_LABELS} labels are supported, got {num_labels}")
@@ -163,13 +167,14 @@ class SegGPTPredictor:
         for side in sorted({p[0] for p in plans.values()}, key=lambda v: (v is not None, v or 0)):
             members = [i for i, p in plans.items() if p[0] == side]
             prompt_side = side or (None if size is None else T.crop_side(size, self.image_size, self.tiling))
-            crops = pairs if tiling == "off" else self._crop_prompts(pairs, size, prompt_side, tuned is not None)
-            p_img, p_mask = self._prompt_canvases(crops, tuned)
+            p_img, p_mask = self._prompt_canvases(self._crop_prompts(pairs, size, prompt_side, tuned is not None),
+                                                  tuned)
             if side is None:
-                self._predict_whole(rgbs, members, p_img, p_mask, num_labels, seg_type, out, plans)
+                self._predict_whole(rgbs, members, p_img, p_mask, num_labels, seg_type, out, plans, refine)
             else:
                 for i in members:
-                    out[i] = self._predict_tiled(rgbs[i], side, p_img, p_mask, num_labels, seg_type, plans[i][1])
+                    out[i] = self._predict_tiled(rgbs[i], side, p_img, p_mask, num_labels, seg_type, plans[i][1],
+                                                 refine)
         return out
 
     def _crop_prompts(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], size: float | None,
@@ -201,7 +206,7 @@ class SegGPTPredictor:
 
     def _predict_whole(self, rgbs: list[np.ndarray], members: list[int], p_img: torch.Tensor,
                        p_mask: torch.Tensor, num_labels: int, seg_type: str, out: list,
-                       plans: dict[int, tuple[int | None, str]]) -> None:
+                       plans: dict[int, tuple[int | None, str]], refine: bool) -> None:
         """The whole-image path: each query resized onto one canvas, several queries per pass."""
         k = p_img.shape[0]
         per_pass = max(1, self.batch_size // k)
@@ -211,10 +216,11 @@ class SegGPTPredictor:
             painted = self.paint(q, p_img, p_mask, seg_type)
             for i, pq in zip(chunk, painted):
                 h, w = rgbs[i].shape[:2]
-                out[i] = Prediction(*P.decode(pq, num_labels, (h, w)), Tiling(max(h, w), 1, k, plans[i][1]))
+                decoded = P.decode(pq, num_labels, (h, w), rgbs[i] if refine else None)
+                out[i] = Prediction(*decoded, Tiling(max(h, w), 1, k, plans[i][1]))
 
     def _predict_tiled(self, rgb: np.ndarray, side: int, p_img: torch.Tensor, p_mask: torch.Tensor,
-                       num_labels: int, seg_type: str, reason: str) -> Prediction:
+                       num_labels: int, seg_type: str, reason: str, refine: bool) -> Prediction:
         """Overlapping ``side`` px tiles, painted in batches, blended at the working resolution, decoded once."""
         h, w = rgb.shape[:2]
         boxes = T.tile_grid((h, w), side, self.tiling.overlap)
@@ -226,7 +232,7 @@ class SegGPTPredictor:
                              for y, x, th, tw in boxes[start:start + per_pass]])
             for painted in self.paint(q, p_img, p_mask, seg_type):
                 blender.add(P.label_scores(P.denormalize(painted), num_labels))
-        label_map, scores = P.decode_scores(blender.result(), (h, w))
+        label_map, scores = P.decode_scores(blender.result(), (h, w), rgb if refine else None)
         return Prediction(label_map, scores, Tiling(side, len(boxes), k, reason))
 
     def paint(self, queries: torch.Tensor, p_img: torch.Tensor, p_mask: torch.Tensor,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .modeling import IMAGENET_MEAN, IMAGENET_STD
+from .refine import refine_edges
 
 MAX_LABELS = 32
 _SCORE_TEMPERATURE = 0.02  # in squared [0, 1] RGB distance; palette neighbours are >= 0.11 apart
@@ -139,14 +140,22 @@ def label_scores(painted: torch.Tensor, num_labels: int) -> torch.Tensor:
     return torch.softmax(-d2 / _SCORE_TEMPERATURE, dim=-3)
 
 
-def decode(painted: torch.Tensor, num_labels: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def decode(painted: torch.Tensor, num_labels: int, size: tuple[int, int], guide: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Query half (3, S, S) normalised -> (label map HxW int32, scores (L+1)xHxW) at ``size`` (H, W)."""
-    return decode_scores(label_scores(denormalize(painted), num_labels), size)
+    return decode_scores(label_scores(denormalize(painted), num_labels), size, guide)
 
 
-def decode_scores(scores: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(L+1, h, w) scores -> (label map HxW int32, scores (L+1)xHxW): upsampled once to ``size`` (H, W)."""
+def decode_scores(scores: torch.Tensor, size: tuple[int, int], guide: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(L+1, h, w) scores -> (label map HxW int32, scores (L+1)xHxW): upsampled once to ``size`` (H, W).
+
+    ``guide``: the HxWx3 image, whose edges then refine the upsampled scores (``refine.py``).
+    """
+    h, w = scores.shape[-2:]
     scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+    if guide is not None:
+        scores = refine_edges(scores, guide, max(size[0] / h, size[1] / w))
     return scores.argmax(0).to(torch.int32).cpu().numpy(), scores.cpu().numpy()
 
 

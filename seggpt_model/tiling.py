@@ -44,7 +44,7 @@ class TilingConfig:
     max_object: float
     overlap: float = 0.25
     max_tiles: int = 64
-    max_prompts: int = 8
+    max_prompts: int = 4
 
     def __post_init__(self) -> None:
         if not 0 < self.min_object <= self.max_object <= 1:

@@ -58,3 +58,21 @@ def test_memory_benchmark_loads_both_layouts_in_both_dtypes(tmp_path):
     assert {(r["layout"], r["dtype"]) for r in rows} == {(la, d) for la in ("official .pth", "HF safetensors")
                                                          for d in ("bf16", "fp32")}
     assert all(r["after_k4_mb"] >= r["after_k1_mb"] >= r["after_load_mb"] >= r["start_mb"] > 0 for r in rows)
+
+
+def test_quality_benchmark_highres_suite_compares_tiling_off_and_auto(tmp_path):
+    out = tmp_path / "highres.json"
+    run("quality.py", "--suite", "highres", "--episodes", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["suite"] == "highres" and set(report["modes"]) == {"off", "auto"}
+    off, auto = report["modes"]["off"], report["modes"]["auto"]
+    assert off["tiles/query"] == 1 and auto["tiles/query"] > 1
+    for row in (off, auto):
+        assert 0 <= row["mIoU"] <= 1 and 0 <= row["boundary F"] <= 1 and row["s/query"] > 0
+
+
+def test_quality_benchmark_scale_sweep_reports_each_size(tmp_path):
+    out = tmp_path / "sweep.json"
+    run("quality.py", "--suite", "scale-sweep", "--episodes", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) > 3 and all(0 <= r["mIoU"] <= 1 and 0 < r["on canvas"] < 1 for r in rows)

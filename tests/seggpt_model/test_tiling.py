@@ -145,11 +145,12 @@ def test_auto_is_off_when_the_objects_are_large_for_the_image(tiny_model):
     pred = SegGPTPredictor(tiny_model, tiling=CFG)
     prompt = discs((150, 120), [(40, 40), (100, 70)], 15)
     queries = [discs((140, 160), [(70, 70)], 15, seed=1)[0], discs((40, 30), [(20, 15)], 5, seed=2)[0]]
-    auto = pred.predict_batch(queries, [prompt, prompt])
-    off = pred.predict_batch(queries, [prompt, prompt], tiling="off")
-    for a, o in zip(auto, off):
-        assert torch.equal(torch.from_numpy(a.scores), torch.from_numpy(o.scores))
-        assert np.array_equal(a.label_map, o.label_map)
+    for refine in (False, True):  # tiling="auto" refines by default, "off" does not: compare like with like
+        auto = pred.predict_batch(queries, [prompt, prompt], refine=refine)
+        off = pred.predict_batch(queries, [prompt, prompt], tiling="off", refine=refine)
+        for a, o in zip(auto, off):
+            assert torch.equal(torch.from_numpy(a.scores), torch.from_numpy(o.scores))
+            assert np.array_equal(a.label_map, o.label_map)
     assert [a.tiling.reason for a in auto] == ["objects in range", "image within canvas"]
     assert [(a.tiling.tiles, a.tiling.prompt_crops) for a in auto] == [(1, 2), (1, 2)]
 
@@ -206,7 +207,7 @@ def test_tuning_examples_are_crops_at_the_working_scale():
 def test_unlabelled_prompts_fall_back_to_one_tile(tiny_model):
     pred = SegGPTPredictor(tiny_model, tiling=CFG)
     img = discs((500, 500), [(100, 100)], 8)[0]
-    res = pred.predict(img, [(img, np.zeros((500, 500), np.int64))])
+    res = pred.predict(img, [(img, np.zeros((500, 500), np.int64))], refine=False)
     off = pred.predict(img, [(img, np.zeros((500, 500), np.int64))], tiling="off")
     assert (res.tiling.tiles, res.tiling.reason) == (1, "no labelled objects in the prompts")
     assert np.array_equal(res.scores, off.scores)
