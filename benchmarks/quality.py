@@ -17,6 +17,7 @@ compared on validation seeds instead: ``--ks 1 --projects 0 --first-seed 3000000
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -118,16 +119,22 @@ def scale_sweep(pred: SegGPTPredictor, n: int, fractions=SWEEP_FRACTIONS) -> lis
 
 
 def highres(pred: SegGPTPredictor, n: int, first_seed: int = HIGHRES_SEED) -> dict:
-    """``tiling`` off vs auto on large crowded scenes: quality at full resolution, tiles and time per query."""
+    """``tiling`` off vs auto on large crowded scenes: quality at full resolution, tiles and time per query.
+
+    Each with and without edge refinement; "off" and "auto" are the predictor's defaults (refined
+    with auto only).
+    """
     acc: dict[str, dict[str, list[float]]] = {}
     kinds: dict[str, dict[str, list[float]]] = {}
+    modes = {"off": ("off", False), "off, refined": ("off", True), "auto, unrefined": ("auto", False),
+             "auto": ("auto", True)}
     for i in range(n):
         ep = make_highres_episode(first_seed + i)
         kind = f"{ep.num_labels} class{'es' if ep.num_labels > 1 else ''}, " + \
             ("distractors" if ep.distractors else "no distractors")
-        for mode in ("off", "auto"):
+        for mode, (tiling, refine) in modes.items():
             t0 = time.perf_counter()
-            res = pred.predict(ep.query_image, ep.prompts, num_labels=ep.num_labels, tiling=mode)
+            res = pred.predict(ep.query_image, ep.prompts, num_labels=ep.num_labels, tiling=tiling, refine=refine)
             seconds = time.perf_counter() - t0
             row = acc.setdefault(mode, {})
             row.setdefault("mIoU", []).append(mean_iou(res.label_map, ep.query_labels, ep.num_labels))
@@ -165,11 +172,14 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=None,
                     help="first episode seed (standard: 1000000000, highres: 4000000000); 3000000000 is the "
                          "validation range used to choose recipes")
+    ap.add_argument("--refine", choices=("default", "on", "off"), default="default",
+                    help="edge refinement for the standard suite (default: the predictor's, on with tiling auto)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
-    pred = SegGPTPredictor(load_seggpt(args.weights), device="auto")
+    refine = {"default": None, "on": True, "off": False}[args.refine]
+    pred = SegGPTPredictor(load_seggpt(args.weights), device="auto", refine=refine)
     if args.suite == "highres":
         report = highres_report(pred, args)
     elif args.suite == "scale-sweep":
@@ -190,7 +200,7 @@ def highres_report(pred: SegGPTPredictor, args: argparse.Namespace) -> dict:
     first = HIGHRES_SEED if args.first_seed is None else args.first_seed
     n = args.episodes or 60
     report = {"weights": args.weights, "suite": "highres", "episodes": n, "first_seed": first,
-              "tiling config": pred.tiling.__dict__, **highres(pred, n, first)}
+              "tiling config": dataclasses.asdict(pred.tiling), **highres(pred, n, first)}
     print("\n| tiling | mIoU | boundary F | tiles/query | prompt crops | s/query |\n|---|---|---|---|---|---|")
     for mode, r in report["modes"].items():
         print(f"| {mode} | {r['mIoU']:.3f} | {r['boundary F']:.3f} | {r['tiles/query']:.1f} | "
@@ -203,7 +213,8 @@ def highres_report(pred: SegGPTPredictor, args: argparse.Namespace) -> dict:
 def standard_report(pred: SegGPTPredictor, args: argparse.Namespace) -> dict:
     first = EVAL_SEED if args.first_seed is None else args.first_seed
     n = args.episodes or 200
-    report = {"weights": args.weights, "episodes": n, "projects": args.projects, "first_seed": first}
+    report = {"weights": args.weights, "episodes": n, "projects": args.projects, "first_seed": first,
+              "refine": args.refine}
     report["train-domain mIoU"], report["train-domain 1-shot by kind"] = k_shot(pred, n, args.ks, first)
     report["absent-target false-positive rate"] = false_positives(pred, n, first)
     report["shifted-domain mIoU"] = projects(pred, args.projects, [5, 10, 20], args.tune_steps, args.held_out)

@@ -73,7 +73,7 @@ class SegGPTPredictor:
 
     def __init__(self, model: SegGPT, device: str | torch.device | None = None,
                  dtype: str | torch.dtype = torch.float32, batch_size: int = 8, fast: bool = True,
-                 tiling: T.TilingConfig | None = None) -> None:
+                 tiling: T.TilingConfig | None = None, refine: bool | None = None) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.fingerprint = model_fingerprint(model)  # before the cast: the same weights, one id in any dtype
@@ -81,6 +81,7 @@ class SegGPTPredictor:
         self.batch_size = batch_size
         self._fast = FastPainter(self.model) if fast else None
         self.tiling = tiling or T.TilingConfig.for_model(model.config)
+        self.refine = refine  # the default for calls that leave ``refine`` None
 
     @property
     def image_size(self) -> int:
@@ -143,16 +144,16 @@ class SegGPTPredictor:
         cropped around their objects, the query in overlapping tiles blended before decoding.
         When the objects are large for the image that is one whole-image tile, the same answer
         as ``"off"`` (the whole image on one canvas).  ``Prediction.tiling`` says what was done.
-        ``refine`` snaps the upsampled scores to the image's edges (``refine.py``); by default it goes
-        with ``tiling``: on with ``"auto"``, off with ``"off"``, which stays the whole-image path of
-        before bit for bit.
+        ``refine`` snaps the upsampled scores to the image's edges (``refine.py``); None means the
+        predictor's ``refine``, and if that is None too, on with ``"auto"`` and off with ``"off"``
+        (which then stays the whole-image path of before, bit for bit).
         """
         if seg_type not in ("instance", "semantic"):
             raise ValueError(f"seg_type must be 'instance' or 'semantic', got {seg_type!r}")
         if tiling not in ("auto", "off"):
             raise ValueError(f"tiling must be 'auto' or 'off', got {tiling!r}")
         pairs = self._read_prompts(prompts, tuned)
-        refine = tiling == "auto" if refine is None else refine
+        refine = next(r for r in (refine, self.refine, tiling == "auto") if r is not None)
         num_labels = max(num_labels or 0, _top_label(pairs, tuned), 1)
         if num_labels > P.MAX_LABELS:
             raise ValueError(f"at most {P.MAX_LABELS} labels are supported, got {num_labels}")
