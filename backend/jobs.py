@@ -18,8 +18,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import redis
 from rq import Callback, Queue, get_current_job
@@ -32,8 +31,6 @@ from backend.ls_client import LabelStudioClient, LabelStudioError
 from backend.settings import Settings
 from backend.store import PromptStore
 
-if TYPE_CHECKING:
-    from backend.model import SegGPTBackend
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +80,6 @@ class JobContext:
     store: PromptStore
     job_id: str
     client: LabelStudioClient | None
-
-    @cached_property
-    def backend(self) -> "SegGPTBackend":
-        """The predicting backend, built on first use (it loads weights on its first prediction)."""
-        from backend.model import SegGPTBackend  # the model imports this module
-
-        return SegGPTBackend(self.settings, self.store, client=self.client)
 
 
 def resolve_runner(kind: str) -> Callable[..., dict]:

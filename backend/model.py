@@ -24,7 +24,6 @@ from backend.prompting import PromptSelector
 from backend.results import label_map_to_results, prediction_score
 from backend.settings import Settings
 from backend.store import PromptStore, model_version as version_string
-from backend.tuning import count_corrections
 from seggpt_model import SegGPTPredictor, load_seggpt
 from seggpt_model.tuning import TunedPrompt
 from seggpt_model.weights import DEMO_WEIGHTS, read_config, resolve_source
@@ -239,7 +238,7 @@ class SegGPTBackend:
                 failed.append(str(exc))
                 continue
             version, changed = added or version, changed + (added is not None)
-        if count_corrections(self.store, key, changed, self.settings.tune_every_n_corrections):
+        if self.store.count_corrections(key, changed, self.settings.tune_every_n_corrections):
             self.jobs.submit(key, "tune", {"trigger": "corrections", "label_config": config})  # joins an active one
         result = self._changed(key, version)
         if failed and version is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from backend.jobs import JobContext, JobError, Progress
 from backend.ls_client import LabelStudioClient
-from backend.model import controls_of, project_key
+from backend.model import SegGPTBackend, controls_of, project_key
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def run_prelabel(ctx: JobContext, project: str, params: dict, progress: Progress
     client = ctx.client
     label_config = client.get_project(int(project)).get("label_config") or ""
     controls = controls_of(label_config)  # LabelConfigError names what cannot be served
-    backend = ctx.backend
+    backend = SegGPTBackend(ctx.settings, ctx.store, client=ctx.client)
     if not backend.store.entry_count(project):  # no webhooks seen (yet): read the annotations from Label Studio
         progress(0.0, "reading the project's annotations")
         backend.bank.backfill(project, list(controls), client.iter_tasks(int(project)))

@@ -421,6 +421,20 @@ class PromptStore:
     def mark_backfilled(self, project: str) -> None:
         self.redis.set(self._key(project, "backfilled"), str(time.time()))
 
+    # -- corrections since the last tuning (TUNE_EVERY_N_CORRECTIONS) ------------------------
+    def corrections_key(self, project: str) -> str:
+        return self._key(project, "corrections-since-tune")
+
+    def count_corrections(self, project: str, changed: int, every: int) -> bool:
+        """Count ``changed`` bank-changing annotations; True when a tuning is due (every > 0)."""
+        if every <= 0 or changed <= 0:
+            return False
+        return int(self.redis.incrby(self.corrections_key(project), changed)) >= every
+
+    def reset_corrections(self, project: str) -> None:
+        """A tuning run starts: what arrives from now on counts for the next one."""
+        self.redis.set(self.corrections_key(project), 0)
+
     def release_backfill(self, project: str) -> None:
         """Drop a failed backfill's claim, so a restart with fixed settings retries at once."""
         self.redis.delete(self._key(project, "backfill-claim"))

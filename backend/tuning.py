@@ -29,6 +29,7 @@ from backend.charts import line_chart
 from backend.jobs import RECORD_TTL_S, JobContext, JobError
 from backend.jobs import Progress as JobProgress
 from backend.label_config import ControlSpec, parse_label_config
+from backend.model import SegGPTBackend
 from backend.prompting import pack_tuned, prompt_settings, unpack_tuned
 from backend.settings import Settings
 from backend.store import PromptState, PromptStore
@@ -262,18 +263,6 @@ def loss_chart_key(store: PromptStore, job_id: str) -> str:
     return f"{store.ns}:job:{job_id}:loss.png"
 
 
-def corrections_key(store: PromptStore, project: str) -> str:
-    """Annotations that changed the bank since the last tuning started (TUNE_EVERY_N_CORRECTIONS)."""
-    return f"{store.ns}:p:{project}:corrections-since-tune"
-
-
-def count_corrections(store: PromptStore, project: str, changed: int, every: int) -> bool:
-    """Count ``changed`` bank-changing annotations; True when a tuning is due (every > 0)."""
-    if every <= 0 or changed <= 0:
-        return False
-    return int(store.redis.incrby(corrections_key(store, project), changed)) >= every
-
-
 def run_tune(ctx: JobContext, project: str, params: dict, progress: JobProgress) -> dict:
     """The ``tune`` job: the report (decision, reason, IoUs, losses) becomes the job's result.
 
@@ -285,14 +274,14 @@ def run_tune(ctx: JobContext, project: str, params: dict, progress: JobProgress)
     if not config:
         raise JobError(NEEDS_CONFIG)
     controls = parse_label_config(config)  # ValueError names what cannot be served
-    ctx.store.redis.set(corrections_key(ctx.store, project), 0)  # what arrives from now on counts for the next run
+    ctx.store.reset_corrections(project)
 
     def report_step(done: int, total: int, info: dict) -> None:
         what = f"{info['stage']} {info.get('control', '')}".strip()
         message = f"{what}: step {done}/{total}, loss {info['loss']:.4f}" if "loss" in info else what
         progress(done / total if total else 1.0, message, done=done, total=total)
 
-    tuner = ProjectTuner(ctx.settings, ctx.store, ctx.backend.predictor)
+    tuner = ProjectTuner(ctx.settings, ctx.store, SegGPTBackend(ctx.settings, ctx.store, client=ctx.client).predictor)
     try:
         report = tuner.run(project, controls, report_step, job_id=ctx.job_id)
     except TuningRefused as exc:

@@ -20,7 +20,7 @@ from backend.prompting import pack_tuned, unpack_tuned
 from backend.results import label_map_to_results
 from backend.settings import Settings
 from backend.store import PromptStore
-from backend.tuning import Example, corrections_key, examples_for, load_data
+from backend.tuning import Example, examples_for, load_data
 from seggpt_model import SegGPTPredictor, load_seggpt
 from seggpt_model.retrieval import embed_image
 from seggpt_model.tuning import PromptTuner, TuningConfig
@@ -194,10 +194,10 @@ def test_every_n_corrections_queue_one_tune_job_per_project(settings, store, pre
     assert job["kind"] == "tune" and job["status"] == "queued" and job["params"]["trigger"] == "corrections"
     annotate(backend, image_server, brush_config, [4, 5])  # debounced: the queued job covers them
     assert [j["id"] for j in backend.jobs.jobs(PROJECT)] == [job["id"]]
-    assert int(store.redis.get(corrections_key(store, PROJECT))) == 5
+    assert int(store.redis.get(store.corrections_key(PROJECT))) == 5
 
     record = backend.jobs.run(job["id"], settings)
-    assert record["status"] == "finished" and int(store.redis.get(corrections_key(store, PROJECT))) == 0
+    assert record["status"] == "finished" and int(store.redis.get(store.corrections_key(PROJECT))) == 0
     annotate(backend, image_server, brush_config, [6, 7])
     assert len(backend.jobs.jobs(PROJECT)) == 1
     annotate(backend, image_server, brush_config, [8])
