@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import asdict, replace
 from functools import lru_cache
 from typing import Any
 
@@ -25,6 +26,7 @@ from backend.results import label_map_to_results, prediction_score
 from backend.settings import Settings
 from backend.store import PromptStore, model_version as version_string
 from seggpt_model import SegGPTPredictor, load_seggpt
+from seggpt_model.tiling import TilingConfig
 from seggpt_model.tuning import TunedPrompt
 from seggpt_model.weights import DEMO_WEIGHTS, read_config, resolve_source
 
@@ -180,7 +182,8 @@ class SegGPTBackend:
             reason = self.no_prompts_reason(key)
             return [_unpredicted(current, reason, context) for _ in tasks]
         predictor = self._load()
-        return [self._predict_task(task, controls, prompts, choice.tuned, predictor, current, context)
+        tiling = choice.settings.get("tiling", self.settings.tiling)
+        return [self._predict_task(task, controls, prompts, choice.tuned, predictor, current, context, tiling)
                 for task, prompts in zip(tasks, choice.prompts)]
 
     def no_prompts_reason(self, key: str) -> str:
@@ -251,11 +254,12 @@ class SegGPTBackend:
 
     def _predict_task(self, task: dict, controls: tuple[ControlSpec, ...], prompts: dict[str, list[Prompt]],
                       tuned: dict[str, TunedPrompt], predictor: SegGPTPredictor, current: str,
-                      context: dict | None) -> dict:
+                      context: dict | None, tiling: str) -> dict:
         if not tuned and not any(prompts.values()):  # its own annotation is the project's only example
             return _unpredicted(current, ONLY_OWN_EXAMPLE, context)
         images = {}
         results: list[dict] = []
+        painted: dict[str, dict] = {}
         for control in controls:
             if not prompts.get(control.name) and control.name not in tuned:
                 continue
@@ -272,11 +276,14 @@ class SegGPTBackend:
             with self._model_lock:
                 out = predictor.predict(images[control.value_key], prompts.get(control.name, []),
                                         num_labels=len(control.labels), seg_type="instance",
-                                        tuned=tuned.get(control.name))
+                                        tuned=tuned.get(control.name), tiling=tiling)
             results += label_map_to_results(out.label_map, out.scores, control,
                                             min_area=self.settings.min_region_area,
                                             polygon_max_points=self.settings.polygon_max_points)
-        return {"result": results, "score": prediction_score(results), "model_version": current}
+            if out.tiling is not None:
+                painted[control.name] = asdict(out.tiling)
+        # "tiling" says per control how it was painted (scale, tiles); Label Studio ignores the key
+        return {"result": results, "score": prediction_score(results), "model_version": current, "tiling": painted}
 
     def predictor(self) -> SegGPTPredictor:
         """The model, loaded on first use; prompt tuning runs on the same one."""
@@ -295,7 +302,9 @@ class SegGPTBackend:
             if self._predictor is None:
                 log.info("loading SegGPT weights (device %s, dtype %s)", self.settings.device, self.settings.dtype)
                 model = load_seggpt(self.settings.seggpt_weights)
-                self._predictor = SegGPTPredictor(model, device=self.settings.device, dtype=self.settings.dtype)
+                tiling = TilingConfig.for_model(model.config)
+                self._predictor = SegGPTPredictor(model, device=self.settings.device, dtype=self.settings.dtype,
+                                                  tiling=replace(tiling, max_tiles=self.settings.max_tiles))
             return self._predictor
 
     def _has_prompts(self, key: str) -> bool:

@@ -8,7 +8,7 @@ version, so a prediction never mixes prompts of two versions under one model_ver
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,6 +30,7 @@ class PromptChoice:
     prompts: list[dict[str, list[Prompt]]]  # per query: control name -> example prompts, best first
     tuned: dict[str, TunedPrompt]  # control name -> the tuned prompt in use
     picked: list[dict[str, list[int]]]  # per query: control name -> task ids of the example prompts
+    settings: dict[str, str] = field(default_factory=dict)  # the project's prompt settings in effect
 
     def has_prompts(self) -> bool:
         return bool(self.tuned) or any(any(p.values()) for p in self.prompts)
@@ -60,7 +61,8 @@ def prompt_settings(state: PromptState, defaults: Settings) -> dict[str, str]:
     """The project's prompt settings at ``state``: its own values over the deployment's."""
     own = dict(state.settings)
     return {"prompt_selection": str(own.get("prompt_selection", defaults.prompt_selection)),
-            "tuned_prompt": str(own.get("tuned_prompt", defaults.tuned_prompt))}
+            "tuned_prompt": str(own.get("tuned_prompt", defaults.tuned_prompt)),
+            "tiling": str(own.get("tiling", defaults.tiling))}
 
 
 class PromptSelector:
@@ -121,7 +123,7 @@ class PromptSelector:
             return decoded[task_id, name]
 
         prompts = [{name: [prompt(t, name) for t in ts] for name, ts in p.items()} for p in picked]
-        return PromptChoice(state.version, prompts, tuned, picked)
+        return PromptChoice(state.version, prompts, tuned, picked, prefs)
 
 
 def rank(metas: list[dict], image_key: str, query: np.ndarray | None) -> list[int]:

@@ -53,6 +53,8 @@ class Settings:
     keep_versions: int = 20  # prompt-state versions kept per project for rollback
     prompt_selection: str = "similar"  # which K bank entries prompt a query: similar | recent
     tuned_prompt: str = "ensemble"  # a tuned prompt alone, or ensembled with selected examples
+    tiling: str = "auto"  # auto: query tiles and prompt crops at the prompts' working scale; off: whole images
+    max_tiles: int = 64  # tiles per query at most (large images with small objects)
     tune_steps: int = 100
     tune_lr: float = 0.03
     tune_batch: int = 4
@@ -111,6 +113,8 @@ class Settings:
             keep_versions=parse("KEEP_VERSIONS", _int_at_least(1), 20),
             prompt_selection=parse("PROMPT_SELECTION", _choice("similar", "recent"), "similar"),
             tuned_prompt=parse("TUNED_PROMPT", _choice("ensemble", "alone"), "ensemble"),
+            tiling=parse("TILING", _choice("auto", "off"), "auto"),
+            max_tiles=parse("MAX_TILES", _int_at_least(1), 64),
             tune_steps=parse("TUNE_STEPS", _int_at_least(1), 100),
             tune_lr=parse("TUNE_LR", _positive_float, 0.03),
             tune_batch=parse("TUNE_BATCH", _int_at_least(1), 4),

@@ -41,7 +41,8 @@ BACKFILL_RETRY_S = 300  # a failed backfill is retried after this many seconds
 KEEP_VERSIONS = 20  # default length of a project's history
 MAX_PROBLEM_CHARS = 500  # a recorded problem's reason is cut to this length
 # Per-project prediction settings a version may carry: their allowed values.
-PROJECT_SETTINGS = {"prompt_selection": ("similar", "recent"), "tuned_prompt": ("ensemble", "alone")}
+PROJECT_SETTINGS = {"prompt_selection": ("similar", "recent"), "tuned_prompt": ("ensemble", "alone"),
+                    "tiling": ("auto", "off")}
 
 
 def connect(settings: Settings) -> redis.Redis:
