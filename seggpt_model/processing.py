@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .modeling import IMAGENET_MEAN, IMAGENET_STD
-from .refine import refine_edges
+from .refine import label_argmax, refine_edges
 
 MAX_LABELS = 32
 _SCORE_TEMPERATURE = 0.02  # in squared [0, 1] RGB distance; palette neighbours are >= 0.11 apart
@@ -156,7 +156,7 @@ def decode_scores(scores: torch.Tensor, size: tuple[int, int], guide: np.ndarray
     scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
     if guide is not None:
         scores = refine_edges(scores, guide, max(size[0] / h, size[1] / w))
-    return scores.argmax(0).to(torch.int32).cpu().numpy(), scores.cpu().numpy()
+    return label_argmax(scores).cpu().numpy(), scores.cpu().numpy()
 
 
 def overlay(image: np.ndarray, label_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:

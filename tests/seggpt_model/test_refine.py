@@ -75,3 +75,12 @@ def test_a_region_refinement_would_erase_is_kept():
     kept = keep_detections(before, after.clone())
     assert torch.equal(kept[:, 5:8, 5:8], before[:, 5:8, 5:8])
     assert torch.equal(kept[:, 12:18, 12:18], after[:, 12:18, 12:18])
+
+
+def test_label_argmax_is_torch_argmax_ties_included():
+    from seggpt_model.refine import label_argmax
+
+    scores = torch.rand(4, 30, 40)
+    scores[:, :5] = 0.25  # ties: the first label wins
+    scores[2, 10:12] = scores[1, 10:12]
+    assert torch.equal(label_argmax(scores), scores.argmax(0).to(torch.int32))
