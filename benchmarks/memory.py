@@ -37,7 +37,9 @@ def child(checkpoint: str, dtype_name: str, prompts: list[int]) -> dict:
     image = rng.integers(0, 256, (720, 960, 3), dtype=np.uint8)
     labels = (rng.random((720, 960)) < 0.2).astype(np.uint8)
     for k in prompts:
-        pred.predict(image, [(image, labels)] * k, num_labels=1)
+        # one canvas, as before tiling: noise labels are thousands of 1-px "objects", which would
+        # make auto tiling paint MAX_TILES tiles and measure the tile batch, not the weights
+        pred.predict(image, [(image, labels)] * k, num_labels=1, tiling="off")
         out[f"after_k{k}_mb"] = rss_mb()
     return out
 
