@@ -68,7 +68,9 @@ class SegGPTPredictor:
     """Segment queries in context of K >= 1 (image, label map) prompts.
 
     K > 1 uses SegGPT's feature ensemble; several queries share one forward pass.  ``fast``
-    (default) paints with ``FastPainter``; ``fast=False`` runs the reference forward.
+    (default) paints with ``FastPainter``; ``fast=False`` runs the reference forward.  ``tiling``:
+    the model's working range and tiling budget (default ``TilingConfig.for_model``); ``refine``:
+    the default for edge refinement (None: with ``tiling="auto"`` calls only).
     """
 
     def __init__(self, model: SegGPT, device: str | torch.device | None = None,
@@ -197,13 +199,8 @@ class SegGPTPredictor:
                 boxes = T.crop_boxes(labels, side, self.tiling.max_prompts)
                 per_prompt.append([(rgb[y:y + h, x:x + w], labels[y:y + h, x:x + w]) for y, x, h, w in boxes])
         budget = max(self.tiling.max_prompts - len(pairs) - int(has_tuned), 0)
-        out = [crops[0] for crops in per_prompt]
-        for rank in range(1, self.tiling.max_prompts):
-            for crops in per_prompt:
-                if rank < len(crops) and budget > 0:
-                    out.append(crops[rank])
-                    budget -= 1
-        return out
+        extra = [crops[r] for r in range(1, self.tiling.max_prompts) for crops in per_prompt if r < len(crops)]
+        return [crops[0] for crops in per_prompt] + extra[:budget]
 
     def _predict_whole(self, rgbs: list[np.ndarray], members: list[int], p_img: torch.Tensor,
                        p_mask: torch.Tensor, num_labels: int, seg_type: str, out: list,
