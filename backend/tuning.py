@@ -36,7 +36,7 @@ from backend.store import PromptState, PromptStore
 from seggpt_model import SegGPTPredictor
 from seggpt_model.predictor import supports_bf16
 from seggpt_model.metrics import mean_iou
-from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig, choose_init
+from seggpt_model.tuning import PromptTuner, TunedPrompt, TuningConfig, choose_init, scale_matched_examples
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +144,14 @@ def examples_for(query: Example, train: list[Example], k: int, selection: str) -
 
 
 def held_out_iou(predictor: SegGPTPredictor, data: ControlData, tuned: TunedPrompt | None, k: int,
-                 selection: str, tuned_use: str) -> float:
-    """Mean IoU on the held-out examples with the prompts serving would use."""
+                 selection: str, tuned_use: str, tiling: str = "auto") -> float:
+    """Mean IoU on the held-out examples with the prompts (and tiling) serving would use."""
     num_labels = len(data.control.labels)
     scores = []
     for ex in data.held_out:
         n = k if tuned is None else (0 if tuned_use == "alone" else max(1, k - 1))
         out = predictor.predict(ex.image, examples_for(ex, data.train, n, selection), num_labels=num_labels,
-                                tuned=tuned)
+                                tuned=tuned, tiling=tiling)
         scores.append(mean_iou(out.label_map, ex.label_map, num_labels))
     return float(np.mean(scores))
 
@@ -198,8 +198,12 @@ class ProjectTuner:
                 info = {"stage": "tuning", "control": name, "loss": loss}
                 return progress is None or progress(base + step + 1, total, info) is not False
 
-            result = PromptTuner(predictor.model, config).tune(
-                [(e.image, e.label_map) for e in d.train], (init.image, init.label_map), on_step)
+            train = [(e.image, e.label_map) for e in d.train]
+            start = (init.image, init.label_map)
+            if prefs["tiling"] == "auto":  # tune on what serving shows the model: crops at the working scale
+                train = scale_matched_examples(train, predictor.tiling, predictor.image_size)
+                start = scale_matched_examples([start], predictor.tiling, predictor.image_size, max_crops=1)[0]
+            result = PromptTuner(predictor.model, config).tune(train, start, on_step)
             report.controls[d.control.name] = {
                 "train": len(d.train), "held_out": len(d.held_out), "init_task": init.task_id,
                 "steps": len(result.losses), "bf16": config.bf16, "losses": result.losses}
@@ -222,8 +226,9 @@ class ProjectTuner:
         winners, reasons = {}, []
         for d in data:
             name = d.control.name
-            before = held_out_iou(predictor, d, current.get(name), k, prefs["prompt_selection"], prefs["tuned_prompt"])
-            after = held_out_iou(predictor, d, candidates[name], k, prefs["prompt_selection"], prefs["tuned_prompt"])
+            serving = (k, prefs["prompt_selection"], prefs["tuned_prompt"], prefs["tiling"])
+            before = held_out_iou(predictor, d, current.get(name), *serving)
+            after = held_out_iou(predictor, d, candidates[name], *serving)
             baseline = "the current tuned prompt" if name in current else f"the {k} example prompts"
             ok = after - before >= gain_needed
             reasons.append(f"{name}: held-out mean IoU {after:.3f} vs {before:.3f} with {baseline} "

@@ -127,7 +127,7 @@ def test_the_gate_rejects_a_worse_prompt_and_says_why(settings, store, bank, ima
     state, data, _ = load_data(store, PROJECT, controls)
     report = TuneReport(PROJECT, version_before=state.version, version_after=state.version)
     report.controls["tag"] = {}
-    prefs = {"prompt_selection": "similar", "tuned_prompt": "alone"}
+    prefs = {"prompt_selection": "similar", "tuned_prompt": "alone", "tiling": "auto"}
     tuner = ProjectTuner(settings, store, lambda: predictor)
     tuner.decide(report, data, {"tag": _noise(0, predictor.image_size)}, state, {}, predictor, prefs)
 

@@ -156,7 +156,7 @@ def test_tuned_prompt_alone_or_ensembled_per_project_setting(settings, store, ba
 
     query_example = Example(0, image, np.zeros((1, 1)), embed_image(image))
     assert client.get("/projects/1/settings").json()["settings"] == {"prompt_selection": "similar",
-                                                                     "tuned_prompt": "ensemble"}
+                                                                     "tuned_prompt": "ensemble", "tiling": "auto"}
     assert served() == expected(examples_for(query_example, d.train + d.held_out, 1, "similar"))
     version = store.version(PROJECT)
     changed = client.put("/projects/1/settings", json={"tuned_prompt": "alone"}).json()
