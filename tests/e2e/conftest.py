@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis
 
+from backend.quickstart.labelstudio import label_studio_env
 from backend.store import PromptStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -211,17 +212,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     shutil.copytree(LS_TEMPLATE, data_dir)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = base_env() | {
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-        "LABEL_STUDIO_HOST": url,
-        "ML_BLOCK_LOCAL_IP": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        "LATEST_VERSION_CHECK": "false",
-        "COLLECT_ANALYTICS": "false",
-        "SENTRY_DSN": "",
-        "FRONTEND_SENTRY_DSN": "",
-    }
+    env = label_studio_env(base_env(), data_dir, url, email, password)  # as the quickstart runs it
     cmd = [
         str(executable),
         "start",
