@@ -131,7 +131,7 @@ def test_secrets_never_reach_the_logs(tmp_path, store, predictor, brush_config, 
                     assert time.monotonic() < deadline, "the backfill did not finish"
                     time.sleep(0.05)
                 tasks = [{"id": 9, "data": {"image": "s3://bucket/q.png"}},
-                         {"id": 3, "data": {"image": "/data/upload/1/a.png"}},
+                         {"id": 5, "data": {"image": "/data/upload/1/a.png"}},  # not task 3, the example
                          {"id": 4, "data": {"image": f"{storage.url}/bucket/q.png?{signature}"}}]  # not allowed
                 body = {"project": PROJECT, "label_config": brush_config, "tasks": tasks}
                 results = http.post("/predict", json=body).json()["results"]

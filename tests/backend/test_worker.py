@@ -192,3 +192,27 @@ def test_a_short_command_stops_the_embedded_redis_it_started(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "model_dir" / "prompt-state.rdb").parent.is_dir()
     assert servers() == []
+
+
+def test_a_worker_that_ran_a_job_stops_soon_after_sigterm(tmp_path) -> None:
+    """RQ's command-channel thread slept 60 s between reads and the worker's exit waited for it."""
+    from tests.backend.redis_process import RedisProcess
+
+    server = RedisProcess(tmp_path / "redis", appendonly=False).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "REDIS_URL"))}
+    env |= {"REDIS_URL": server.url, "MODEL_DIR": str(tmp_path / "model_dir"), "LOG_LEVEL": "WARNING"}
+    root = Path(__file__).resolve().parents[2]
+    worker = subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env, cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ran = subprocess.run([sys.executable, "-m", "backend", "tune", "--project", "4"], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=120)
+        assert "failed: tuning needs the project's label config" in ran.stdout + ran.stderr  # a job ran to its end
+        worker.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        worker.wait(30)
+        assert time.monotonic() - started < 15
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        server.stop()
