@@ -24,10 +24,11 @@ from seggpt_model.retrieval import embed_image
 
 log = logging.getLogger(__name__)
 
-# Long side of stored prompt images and label maps, pixels. Tiling crops prompts around their objects
-# at the working scale, so small objects need the detail of the original; 2048 keeps a 12 MP image's
-# 40 px object at 20 px (896 left 9 px) for about 0.5-1 MB of JPEG per entry.
-WORKING_SIZE = 2048
+# Long side of stored prompt images and label maps, pixels. Tiling measures the prompts' objects to
+# choose the query's tiles, so a prompt must keep the pixel scale of the images it is used with, and
+# its crops the detail of small objects: 4096 keeps images up to 16 MP (4:3) whole, at 1-3 MB of JPEG
+# per entry. Larger images are stored smaller, and their working scale is then chosen too small.
+WORKING_SIZE = 4096
 Prompt = tuple[Image.Image, np.ndarray]  # (RGB image, HxW int label map: 0 = background)
 
 

@@ -27,7 +27,7 @@ from seggpt_model.processing import MAX_LABELS
 PACK_FORMAT = 1
 MAX_MEMBERS = 10_000
 MAX_UNPACKED_BYTES = 512 << 20  # zip bombs: total uncompressed size allowed
-MAX_IMAGE_SIDE = 4096  # stored prompts are at most 2048 px (bank.WORKING_SIZE); far larger is not ours
+MAX_IMAGE_SIDE = 4096  # stored prompts are at most bank.WORKING_SIZE px; larger is not a pack of ours
 MANIFEST = "manifest.json"
 TUNED = "tuned.safetensors"
 
